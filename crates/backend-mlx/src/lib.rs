@@ -1,0 +1,1 @@
+//! backend-mlx: filled by a later issue.

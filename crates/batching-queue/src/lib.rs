@@ -1,0 +1,1 @@
+//! batching-queue: filled by a later issue.

@@ -1,0 +1,1 @@
+//! batching-scheduler: filled by a later issue.

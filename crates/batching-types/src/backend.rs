@@ -1,0 +1,152 @@
+//! The contract between the scheduler and a model backend.
+//!
+//! The scheduler decides *what* runs in each step; the backend decides *how*.
+//! The scheduler owns admission, KV block accounting and finish decisions
+//! (stop tokens, `max_tokens`); the backend owns the model, the KV cache and
+//! sampling. Everything is synchronous: the scheduler calls the backend from
+//! one engine thread, which matters for MLX, whose arrays must stay on the
+//! thread that made them.
+
+use crate::{RequestId, SamplingParams};
+
+/// What the backend can hold, reported once at start-up and whenever the
+/// scheduler asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendCapacity {
+    /// KV cache slots (tokens) summed over all sequences. The scheduler never
+    /// plans more than this; within it, the backend must not fail for lack of
+    /// memory.
+    pub kv_tokens: usize,
+    /// The longest sequence (prompt plus generated tokens) the model supports.
+    pub max_context: usize,
+}
+
+/// The work one sequence does in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkKind {
+    /// Feed the next `len` tokens of the sequence's context (given to
+    /// [`Backend::add_sequence`]). The chunk that completes the context also
+    /// samples the sequence's next token.
+    Prefill {
+        /// How many context tokens this chunk covers; at least 1.
+        len: usize,
+    },
+    /// Feed the last sampled token and sample one more.
+    Decode,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepItem {
+    /// The sequence.
+    pub id: RequestId,
+    /// What it does in this step.
+    pub kind: WorkKind,
+}
+
+/// Everything that runs in one forward pass: decodes and prefill chunks
+/// together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    /// The sequences in the batch, each at most once.
+    pub items: Vec<StepItem>,
+}
+
+impl StepPlan {
+    /// Tokens fed through the model by this step.
+    pub fn num_tokens(&self) -> usize {
+        self.items
+            .iter()
+            .map(|item| match item.kind {
+                WorkKind::Prefill { len } => len,
+                WorkKind::Decode => 1,
+            })
+            .sum()
+    }
+}
+
+/// The result of one sequence's work in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceOutcome {
+    /// A prefill chunk was consumed and more context remains.
+    Pending,
+    /// A token was sampled.
+    Token(u32),
+    /// This sequence failed; the others are unaffected. The scheduler ends
+    /// the request with an error and releases it.
+    Failed(String),
+}
+
+/// One sequence's outcome in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceResult {
+    /// The sequence.
+    pub id: RequestId,
+    /// What happened to it.
+    pub outcome: SequenceOutcome,
+}
+
+/// The outcomes of a step, one for each item of its plan, in plan order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// One result per planned item.
+    pub results: Vec<SequenceResult>,
+}
+
+/// A model that runs batched steps over many sequences.
+///
+/// The scheduler guarantees: a sequence is added before it appears in a
+/// plan; each plan names a sequence at most once; prefill chunks never run
+/// past the context that was added; the sum of all sequences' context plus
+/// generated tokens never exceeds [`BackendCapacity::kv_tokens`]; a released
+/// sequence is never named again unless it is added anew.
+pub trait Backend {
+    /// A failure of the whole backend or of a whole step.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// What the backend can hold.
+    fn capacity(&self) -> BackendCapacity;
+
+    /// Registers a sequence whose cache must be built from `context` (the
+    /// prompt, followed after a preemption by the tokens generated so far).
+    /// Nothing runs until a plan names it. Sampling must depend only on
+    /// `sampling` and each token's position, so that a preempted sequence
+    /// recomputed later draws the same tokens.
+    fn add_sequence(
+        &mut self,
+        id: RequestId,
+        context: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<(), Self::Error>;
+
+    /// Runs one forward pass over `plan` and returns one result per item, in
+    /// order. An `Err` means the whole step failed and no sequence advanced.
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, Self::Error>;
+
+    /// Forgets a sequence and frees its cache. Releasing an unknown id is a
+    /// no-op, so cleanup paths never fail.
+    fn release(&mut self, id: RequestId);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_counts_prefill_and_decode_tokens() {
+        let plan = StepPlan {
+            items: vec![
+                StepItem {
+                    id: RequestId(1),
+                    kind: WorkKind::Decode,
+                },
+                StepItem {
+                    id: RequestId(2),
+                    kind: WorkKind::Prefill { len: 16 },
+                },
+            ],
+        };
+        assert_eq!(plan.num_tokens(), 17);
+        assert_eq!(StepPlan::default().num_tokens(), 0);
+    }
+}

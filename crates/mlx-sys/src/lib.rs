@@ -1,0 +1,1 @@
+//! Our own mlx-sys: filled by the MLX issue.

@@ -1,0 +1,1 @@
+//! sim-backend: filled by a later issue.

@@ -1,0 +1,91 @@
+//! `cargo xtask ci`: every check, in order, failing fast.
+
+use anyhow::bail;
+
+use crate::util::{cargo, output, run};
+
+/// Crates that must stay free of MLX and HTTP so that the batching core is
+/// testable anywhere and never blocks on I/O.
+const CORE_CRATES: [&str; 3] = ["batching-types", "batching-queue", "batching-scheduler"];
+
+/// Crates that bring MLX or HTTP with them.
+const FORBIDDEN_IN_CORE: [&str; 7] = [
+    "mlx-rs",
+    "mlx-sys",
+    "axum",
+    "hyper",
+    "reqwest",
+    "tower-http",
+    "http",
+];
+
+pub fn run_ci() -> anyhow::Result<()> {
+    run("format check", cargo().args(["fmt", "--all", "--check"]))?;
+    run(
+        "clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "tests",
+        cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]),
+    )?;
+    run(
+        "docs",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--locked"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    run(
+        "benches compile",
+        cargo().args(["bench", "--workspace", "--no-run", "--locked"]),
+    )?;
+    boundary_checks()?;
+    eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// Fails when a core crate depends, directly or not, on MLX or HTTP.
+fn boundary_checks() -> anyhow::Result<()> {
+    for krate in CORE_CRATES {
+        let tree = output(
+            "dependency tree",
+            cargo().args([
+                "tree",
+                "--locked",
+                "--package",
+                krate,
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+                "--format",
+                "{p}",
+            ]),
+        )?;
+        let names: Vec<&str> = tree
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        for bad in FORBIDDEN_IN_CORE {
+            if names.contains(&bad) {
+                bail!(
+                    "boundary check failed: {krate} depends on {bad}; the batching core must know neither MLX nor HTTP"
+                );
+            }
+        }
+        eprintln!("xtask: boundary check: {krate} depends on neither MLX nor HTTP");
+    }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    run_ci()
+}

@@ -1,0 +1,29 @@
+//! Project automation: `cargo xtask setup | serve | ci | bench`.
+//!
+//! Everything a developer or CI runs goes through here, written in Rust so
+//! that it works wherever cargo does, with no shell-script dialects to keep
+//! in step.
+
+mod ci;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "mlx-batch project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every check CI runs, failing fast.
+    Ci,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Ci => ci::run(),
+    }
+}
