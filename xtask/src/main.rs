@@ -5,6 +5,8 @@
 //! in step.
 
 mod ci;
+mod model;
+mod setup;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -20,10 +22,13 @@ struct Cli {
 enum Command {
     /// Run every check CI runs, failing fast.
     Ci,
+    /// Install MLX and the default model into project-local folders.
+    Setup,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ci => ci::run(),
+        Command::Setup => setup::run(),
     }
 }
