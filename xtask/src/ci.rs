@@ -2,7 +2,7 @@
 
 use anyhow::bail;
 
-use crate::util::{cargo, output, run};
+use crate::util::{cargo, output, run as run_step};
 
 /// Crates that must stay free of MLX and HTTP so that the batching core is
 /// testable anywhere and never blocks on I/O.
@@ -19,8 +19,9 @@ const FORBIDDEN_IN_CORE: [&str; 7] = [
     "http",
 ];
 
-pub fn run_ci() -> anyhow::Result<()> {
-    run("format check", cargo().args(["fmt", "--all", "--check"]))?;
+/// Runs every check in order and stops at the first failure.
+pub fn run() -> anyhow::Result<()> {
+    run_step("format check", cargo().args(["fmt", "--all", "--check"]))?;
     run(
         "clippy",
         cargo().args([
@@ -84,8 +85,4 @@ fn boundary_checks() -> anyhow::Result<()> {
         eprintln!("xtask: boundary check: {krate} depends on neither MLX nor HTTP");
     }
     Ok(())
-}
-
-pub fn run() -> anyhow::Result<()> {
-    run_ci()
 }
