@@ -22,7 +22,7 @@ const FORBIDDEN_IN_CORE: [&str; 7] = [
 /// Runs every check in order and stops at the first failure.
 pub fn run() -> anyhow::Result<()> {
     run_step("format check", cargo().args(["fmt", "--all", "--check"]))?;
-    run(
+    run_step(
         "clippy",
         cargo().args([
             "clippy",
@@ -34,17 +34,17 @@ pub fn run() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    run(
+    run_step(
         "tests",
         cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]),
     )?;
-    run(
+    run_step(
         "docs",
         cargo()
             .args(["doc", "--workspace", "--no-deps", "--locked"])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
-    run(
+    run_step(
         "benches compile",
         cargo().args(["bench", "--workspace", "--no-run", "--locked"]),
     )?;
