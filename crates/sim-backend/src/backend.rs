@@ -1,0 +1,271 @@
+//! The simulated backend itself.
+
+use std::collections::HashMap;
+
+use batching_types::{
+    Backend, BackendCapacity, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
+    StepOutput, StepPlan, WorkKind,
+};
+
+use crate::{tokens::ContextHash, SimConfig, SimControl, SimError, TimeMode};
+
+/// One sequence as the simulated model holds it.
+#[derive(Debug)]
+struct Sequence {
+    /// The context given at `add_sequence`.
+    context: Vec<u32>,
+    /// How many context tokens have been fed by prefill chunks.
+    prefilled: usize,
+    /// Hash of every token fed so far.
+    hash: ContextHash,
+    /// The last sampled token, fed by the next decode.
+    last: Option<u32>,
+    /// KV slots held: tokens fed so far.
+    kv: usize,
+}
+
+/// A [`Backend`] with a cost model and deterministic tokens.
+#[derive(Debug)]
+pub struct SimBackend {
+    config: SimConfig,
+    sequences: HashMap<RequestId, Sequence>,
+    control: SimControl,
+}
+
+impl SimBackend {
+    /// A backend with `config`, after validating it.
+    pub fn new(config: SimConfig) -> Result<Self, SimError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            sequences: HashMap::new(),
+            control: SimControl::default(),
+        })
+    }
+
+    /// The handle for fault injection and statistics; clone it before the
+    /// backend moves to another thread.
+    pub fn control(&self) -> SimControl {
+        self.control.clone()
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    fn violation(&self, message: String) -> SimError {
+        self.control
+            .with(|s| s.stats.violations.push(message.clone()));
+        SimError::ContractViolation(message)
+    }
+
+    /// Checks the whole plan before anything advances, so a refused plan
+    /// changes no state (as a failed step must not).
+    fn check_plan(&self, plan: &StepPlan) -> Result<(), SimError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut kv_growth = 0;
+        for item in &plan.items {
+            if !seen.insert(item.id) {
+                return Err(self.violation(format!("{} named twice in one plan", item.id)));
+            }
+            let Some(seq) = self.sequences.get(&item.id) else {
+                return Err(self.violation(format!("{} planned before it was added", item.id)));
+            };
+            match item.kind {
+                WorkKind::Prefill { len } => {
+                    if len == 0 || seq.prefilled + len > seq.context.len() {
+                        return Err(self.violation(format!(
+                            "{}: prefill of {len} at {} runs past its context of {}",
+                            item.id,
+                            seq.prefilled,
+                            seq.context.len()
+                        )));
+                    }
+                    kv_growth += len;
+                }
+                WorkKind::Decode => {
+                    if seq.last.is_none() {
+                        return Err(self.violation(format!(
+                            "{} decoded before its prefill completed",
+                            item.id
+                        )));
+                    }
+                    kv_growth += 1;
+                }
+            }
+        }
+        let in_use = self.kv_in_use();
+        if in_use + kv_growth > self.config.kv_tokens {
+            return Err(self.violation(format!(
+                "the plan needs {} KV slots but the backend holds {}",
+                in_use + kv_growth,
+                self.config.kv_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    fn kv_in_use(&self) -> usize {
+        self.sequences.values().map(|s| s.kv).sum()
+    }
+
+    fn spend(&mut self, prefill: usize, decode: usize) {
+        let cost = self.config.step_cost_for(prefill, decode);
+        match &self.config.time {
+            TimeMode::Virtual => {}
+            TimeMode::Sleep => std::thread::sleep(cost),
+            TimeMode::Advance(clock) => clock.advance(cost),
+        }
+        self.control.with(|s| s.stats.virtual_time += cost);
+    }
+
+    fn record(&self, plan: &StepPlan, prefill: usize, decode: usize, failed: bool) {
+        let kv = self.kv_in_use();
+        let live = self.sequences.len();
+        self.control.with(|s| {
+            let st = &mut s.stats;
+            st.steps += 1;
+            st.failed_steps += u64::from(failed);
+            st.prefill_tokens += prefill as u64;
+            st.decode_tokens += decode as u64;
+            st.max_batch_size = st.max_batch_size.max(plan.items.len());
+            st.max_batch_tokens = st.max_batch_tokens.max(prefill + decode);
+            st.kv_in_use = kv;
+            st.max_kv_in_use = st.max_kv_in_use.max(kv);
+            st.live_sequences = live;
+        });
+    }
+}
+
+impl Backend for SimBackend {
+    type Error = SimError;
+
+    fn capacity(&self) -> BackendCapacity {
+        BackendCapacity {
+            kv_tokens: self.config.kv_tokens,
+            max_context: self.config.max_context,
+        }
+    }
+
+    fn add_sequence(
+        &mut self,
+        id: RequestId,
+        context: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<(), SimError> {
+        if self.control.with(|s| s.fail_adds.remove(&id)) {
+            return Err(SimError::InjectedAddFailure(id));
+        }
+        if self.sequences.contains_key(&id) {
+            return Err(self.violation(format!("{id} added twice")));
+        }
+        if context.is_empty() || context.len() > self.config.max_context {
+            return Err(self.violation(format!(
+                "{id}: context of {} tokens is empty or longer than {}",
+                context.len(),
+                self.config.max_context
+            )));
+        }
+        self.sequences.insert(
+            id,
+            Sequence {
+                context: context.to_vec(),
+                prefilled: 0,
+                hash: ContextHash::new(sampling.seed),
+                last: None,
+                kv: 0,
+            },
+        );
+        let live = self.sequences.len();
+        self.control.with(|s| {
+            s.stats.added += 1;
+            s.stats.live_sequences = live;
+        });
+        Ok(())
+    }
+
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, SimError> {
+        if plan.items.is_empty() {
+            return Ok(StepOutput::default());
+        }
+        self.check_plan(plan)?;
+        let (prefill, decode) = plan
+            .items
+            .iter()
+            .fold((0, 0), |(p, d), item| match item.kind {
+                WorkKind::Prefill { len } => (p + len, d),
+                WorkKind::Decode => (p, d + 1),
+            });
+        let fail_step = self.control.with(|s| {
+            let fail = s.fail_steps > 0;
+            s.fail_steps = s.fail_steps.saturating_sub(1);
+            fail
+        });
+        if fail_step {
+            self.spend(prefill, decode);
+            self.record(plan, prefill, decode, true);
+            return Err(SimError::InjectedStepFailure);
+        }
+        let (vocab, stop) = (self.config.vocab, self.config.stop);
+        let mut results = Vec::with_capacity(plan.items.len());
+        for item in &plan.items {
+            let failed = self.control.with(|s| s.fail_sequences.remove(&item.id));
+            let Some(seq) = self.sequences.get_mut(&item.id) else {
+                // check_plan has verified every id; this arm is unreachable
+                // but must not panic.
+                continue;
+            };
+            if failed {
+                results.push(SequenceResult {
+                    id: item.id,
+                    outcome: SequenceOutcome::Failed("injected sequence failure".into()),
+                });
+                continue;
+            }
+            let outcome = match item.kind {
+                WorkKind::Prefill { len } => {
+                    let chunk = &seq.context[seq.prefilled..seq.prefilled + len];
+                    chunk.iter().for_each(|&t| seq.hash.push(t));
+                    seq.prefilled += len;
+                    seq.kv += len;
+                    if seq.prefilled == seq.context.len() {
+                        let token = seq.hash.next_token(vocab, stop);
+                        seq.last = Some(token);
+                        SequenceOutcome::Token(token)
+                    } else {
+                        SequenceOutcome::Pending
+                    }
+                }
+                WorkKind::Decode => {
+                    if let Some(last) = seq.last {
+                        seq.hash.push(last);
+                    }
+                    seq.kv += 1;
+                    let token = seq.hash.next_token(vocab, stop);
+                    seq.last = Some(token);
+                    SequenceOutcome::Token(token)
+                }
+            };
+            results.push(SequenceResult {
+                id: item.id,
+                outcome,
+            });
+        }
+        self.spend(prefill, decode);
+        self.record(plan, prefill, decode, false);
+        Ok(StepOutput { results })
+    }
+
+    fn release(&mut self, id: RequestId) {
+        if self.sequences.remove(&id).is_some() {
+            let kv = self.kv_in_use();
+            let live = self.sequences.len();
+            self.control.with(|s| {
+                s.stats.released += 1;
+                s.stats.kv_in_use = kv;
+                s.stats.live_sequences = live;
+            });
+        }
+    }
+}
