@@ -25,7 +25,7 @@ impl ContextHash {
     pub fn next_token(&self, vocab: u32, stop: Option<StopRule>) -> u32 {
         let draw = mix(self.0.wrapping_add(0xD6E8_FEB8_6659_FD93));
         if let Some(rule) = stop {
-            if (draw >> 32) % u64::from(rule.one_in.max(1)) == 0 {
+            if (draw >> 32).is_multiple_of(u64::from(rule.one_in.max(1))) {
                 return rule.token;
             }
         }
