@@ -1,0 +1,57 @@
+//! The metric names the scheduler records through the `metrics` crate.
+//!
+//! Histograms of time are in seconds. Latency histograms carry a
+//! `priority` label (`high`, `normal`, `low`); the finish counter carries a
+//! `reason` label (see [`batching_types::FinishReason::as_str`]). Install
+//! any `metrics` recorder (for example a Prometheus exporter in the server)
+//! to collect them; without one, recording is a no-op.
+
+/// Histogram: seconds from submit to first admission, by priority.
+pub const QUEUE_TIME: &str = "mlx_batch_queue_time_seconds";
+/// Histogram: seconds from submit to the first token, by priority.
+pub const TIME_TO_FIRST_TOKEN: &str = "mlx_batch_time_to_first_token_seconds";
+/// Histogram: seconds between consecutive tokens of a request, by priority.
+pub const INTER_TOKEN_LATENCY: &str = "mlx_batch_inter_token_latency_seconds";
+/// Gauge: requests holding KV blocks (prefilling or decoding).
+pub const RUNNING: &str = "mlx_batch_running_requests";
+/// Gauge: requests in the waiting queue.
+pub const WAITING: &str = "mlx_batch_waiting_requests";
+/// Histogram: sequences per step.
+pub const BATCH_SIZE: &str = "mlx_batch_batch_size";
+/// Histogram: tokens fed per step.
+pub const BATCH_TOKENS: &str = "mlx_batch_batch_tokens";
+/// Gauge: KV blocks assigned to requests.
+pub const KV_BLOCKS_USED: &str = "mlx_batch_kv_blocks_used";
+/// Gauge: KV blocks free.
+pub const KV_BLOCKS_FREE: &str = "mlx_batch_kv_blocks_free";
+/// Counter: requests preempted for lack of KV blocks.
+pub const PREEMPTIONS: &str = "mlx_batch_preemptions_total";
+/// Counter: requests cancelled (client gone or shutdown).
+pub const CANCELLATIONS: &str = "mlx_batch_cancellations_total";
+/// Counter: tokens generated and delivered.
+pub const TOKENS_GENERATED: &str = "mlx_batch_tokens_generated_total";
+/// Counter: whole steps that failed.
+pub const STEP_FAILURES: &str = "mlx_batch_step_failures_total";
+/// Counter: steps run.
+pub const STEPS: &str = "mlx_batch_steps_total";
+/// Counter: finished requests, by `reason`.
+pub const REQUESTS_FINISHED: &str = "mlx_batch_requests_finished_total";
+
+/// Every name above, for documentation and tests.
+pub const ALL: [&str; 15] = [
+    QUEUE_TIME,
+    TIME_TO_FIRST_TOKEN,
+    INTER_TOKEN_LATENCY,
+    RUNNING,
+    WAITING,
+    BATCH_SIZE,
+    BATCH_TOKENS,
+    KV_BLOCKS_USED,
+    KV_BLOCKS_FREE,
+    PREEMPTIONS,
+    CANCELLATIONS,
+    TOKENS_GENERATED,
+    STEP_FAILURES,
+    STEPS,
+    REQUESTS_FINISHED,
+];
