@@ -62,6 +62,7 @@ pub struct Engine<B: Backend, C: Clock + Clone> {
     /// When running requests are cancelled, once shutdown has begun.
     shutdown_deadline: Option<Instant>,
     steps: u64,
+    hot: names::Hot,
 }
 
 impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Engine<B, C> {
@@ -115,6 +116,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             retries: HashMap::new(),
             shutdown_deadline: None,
             steps: 0,
+            hot: names::Hot::register(),
         })
     }
 
@@ -188,27 +190,29 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         };
         let now = self.clock.now();
         self.sweep(now, &mut trace);
-        let items = self.plan(now, &mut trace);
-        self.active.retain(|a| !a.gone);
+        // `slots[k]` is the index in `active` of plan item `k`; entries
+        // that leave during the step are only marked `gone` until the end,
+        // so these indices stay valid.
+        let (items, slots) = self.plan(now, &mut trace);
         if !items.is_empty() {
             let plan = StepPlan { items };
-            ::metrics::histogram!(names::BATCH_SIZE).record(plan.items.len() as f64);
-            ::metrics::histogram!(names::BATCH_TOKENS).record(plan.num_tokens() as f64);
-            ::metrics::counter!(names::STEPS).increment(1);
+            self.hot.batch_size.record(plan.items.len() as f64);
+            self.hot.batch_tokens.record(plan.num_tokens() as f64);
+            self.hot.steps.increment(1);
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
             match self.backend.step(&plan) {
                 Ok(output) => match check_output(&plan, &output) {
                     Ok(()) => {
                         self.shared.consecutive_failures.store(0, Ordering::Relaxed);
-                        self.apply(&plan, output, &mut trace);
+                        self.apply(&plan, &slots, output, &mut trace);
                     }
-                    Err(message) => self.step_failed(&plan, message, &mut trace),
+                    Err(message) => self.step_failed(&slots, message, &mut trace),
                 },
-                Err(err) => self.step_failed(&plan, err.to_string(), &mut trace),
+                Err(err) => self.step_failed(&slots, err.to_string(), &mut trace),
             }
             trace.items = plan.items;
-            self.active.retain(|a| !a.gone);
         }
+        self.active.retain(|a| !a.gone);
         self.publish();
         trace.blocks_used = self.blocks.used();
         trace.blocks_free = self.blocks.free();
@@ -268,8 +272,9 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
 
     /// Builds the plan: decodes (KV permitting, preempting if not), then
     /// continued prefills, then admissions.
-    fn plan(&mut self, now: Instant, trace: &mut StepTrace) -> Vec<StepItem> {
+    fn plan(&mut self, now: Instant, trace: &mut StepTrace) -> (Vec<StepItem>, Vec<usize>) {
         let mut items = Vec::with_capacity(self.config.max_batch_size);
+        let mut slots = Vec::with_capacity(self.config.max_batch_size);
         let mut budget = self.config.max_batch_tokens;
         let mut planned = vec![false; self.active.len()];
 
@@ -291,6 +296,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 let a = &mut self.active[i];
                 if self.blocks.grow_to(&mut a.req.block_table, needed) {
                     planned[i] = true;
+                    slots.push(i);
                     items.push(StepItem {
                         id: a.req.request_id,
                         kind: WorkKind::Decode,
@@ -323,26 +329,29 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 kind: WorkKind::Prefill { len },
             });
             planned[i] = true;
+            slots.push(i);
         }
 
         // Admissions in queue order; the head must fit now, and nobody
         // overtakes it, so priorities and aging are honoured exactly.
         if self.shutdown_deadline.is_none() {
-            self.admit(&mut items, &mut budget, now, trace);
+            self.admit(&mut items, &mut slots, &mut budget, now, trace);
         }
-        items
+        (items, slots)
     }
 
     fn admit(
         &mut self,
         items: &mut Vec<StepItem>,
+        slots: &mut Vec<usize>,
         budget: &mut usize,
         now: Instant,
         trace: &mut StepTrace,
     ) {
+        let mut live = self.active.iter().filter(|a| !a.gone).count();
         while *budget > 0
             && items.len() < self.config.max_batch_size
-            && self.live() < self.config.max_batch_size
+            && live < self.config.max_batch_size
         {
             let Some((id, tokens)) = self
                 .queue
@@ -369,8 +378,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             if first {
                 self.shared.unreserve();
                 let waited = now.saturating_duration_since(req.created_at).as_secs_f64();
-                ::metrics::histogram!(names::QUEUE_TIME, "priority" => req.priority.as_str())
-                    .record(waited);
+                self.hot.queue_time[usize::from(req.priority.value())].record(waited);
             }
             let needed = self.blocks.blocks_for(tokens);
             self.blocks.grow_to(&mut req.block_table, needed);
@@ -391,6 +399,8 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 kind: WorkKind::Prefill { len },
             });
             trace.admitted.push(id);
+            live += 1;
+            slots.push(self.active.len());
             self.active.push(Active {
                 req,
                 context_len: context.len(),
@@ -401,14 +411,14 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         }
     }
 
-    /// Requests holding blocks, not counting those that left this step.
-    fn live(&self) -> usize {
-        self.active.iter().filter(|a| !a.gone).count()
-    }
-
-    /// The queue's effective priority: lower is more urgent.
-    fn urgency_key(&self, i: usize, _now: Instant) -> f64 {
-        self.queue.effective_priority(&self.active[i].req)
+    /// The queue's effective priority at `now`
+    /// (`base - aging_rate * seconds waited`): lower is more urgent.
+    fn urgency_key(&self, i: usize, now: Instant) -> f64 {
+        let req = &self.active[i].req;
+        let waited = req
+            .enqueued_at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        f64::from(req.priority.value()) - self.config.aging_rate * waited
     }
 
     /// The least urgent request that is not yet planned: highest effective
@@ -461,19 +471,18 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     }
 
     /// Delivers the backend's results.
-    fn apply(&mut self, plan: &StepPlan, output: StepOutput, trace: &mut StepTrace) {
-        let index: HashMap<RequestId, usize> = self
-            .active
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.req.request_id, i))
-            .collect();
+    fn apply(
+        &mut self,
+        plan: &StepPlan,
+        slots: &[usize],
+        output: StepOutput,
+        trace: &mut StepTrace,
+    ) {
         let now = self.clock.now();
-        for (item, result) in plan.items.iter().zip(output.results) {
-            let Some(&i) = index.get(&item.id) else {
-                continue;
-            };
-            self.retries.remove(&item.id);
+        for ((item, result), &i) in plan.items.iter().zip(output.results).zip(slots) {
+            if !self.retries.is_empty() {
+                self.retries.remove(&item.id);
+            }
             match (item.kind, result.outcome) {
                 (WorkKind::Prefill { len }, SequenceOutcome::Pending) => {
                     let a = &mut self.active[i];
@@ -532,7 +541,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         let a = &mut self.active[i];
         let index = a.req.generated_tokens.len();
         a.req.generated_tokens.push(token);
-        let priority = a.req.priority.as_str();
+        let priority = usize::from(a.req.priority.value());
         if a.req
             .events
             .send(OutputEvent::Token { token, index })
@@ -547,16 +556,14 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             return;
         }
         trace.tokens.push((a.req.request_id, token));
-        ::metrics::counter!(names::TOKENS_GENERATED).increment(1);
+        self.hot.tokens.increment(1);
         match a.last_token_at {
             None if index == 0 => {
                 let ttft = now.saturating_duration_since(a.req.created_at);
-                ::metrics::histogram!(names::TIME_TO_FIRST_TOKEN, "priority" => priority)
-                    .record(ttft.as_secs_f64());
+                self.hot.ttft[priority].record(ttft.as_secs_f64());
             }
             Some(last) => {
-                ::metrics::histogram!(names::INTER_TOKEN_LATENCY, "priority" => priority)
-                    .record(now.saturating_duration_since(last).as_secs_f64());
+                self.hot.itl[priority].record(now.saturating_duration_since(last).as_secs_f64());
             }
             None => {}
         }
@@ -577,20 +584,18 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
 
     /// A whole step failed: nothing advanced. Each request in it is
     /// re-queued for recomputation, or fails once it has used its retries.
-    fn step_failed(&mut self, plan: &StepPlan, message: String, trace: &mut StepTrace) {
+    fn step_failed(&mut self, slots: &[usize], message: String, trace: &mut StepTrace) {
         ::metrics::counter!(names::STEP_FAILURES).increment(1);
         self.shared.step_failures.fetch_add(1, Ordering::Relaxed);
         self.shared
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed);
-        for item in &plan.items {
-            let Some(i) = self.active.iter().position(|a| a.req.request_id == item.id) else {
-                continue;
-            };
-            let tries = self.retries.entry(item.id).or_insert(0);
+        for &i in slots {
+            let id = self.active[i].req.request_id;
+            let tries = self.retries.entry(id).or_insert(0);
             *tries += 1;
             if *tries > self.config.max_step_retries {
-                self.retries.remove(&item.id);
+                self.retries.remove(&id);
                 self.finish_active(
                     i,
                     FinishReason::Error,
@@ -647,7 +652,9 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         // still gets its finish event either way.
         let _ = req.set_status(to, now);
         self.blocks.release(&mut req.block_table);
-        self.retries.remove(&req.request_id);
+        if !self.retries.is_empty() {
+            self.retries.remove(&req.request_id);
+        }
         if reason == FinishReason::Cancelled {
             ::metrics::counter!(names::CANCELLATIONS).increment(1);
         }
@@ -673,10 +680,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         s.waiting.store(waiting, Ordering::Relaxed);
         s.blocks_used.store(self.blocks.used(), Ordering::Relaxed);
         s.blocks_free.store(self.blocks.free(), Ordering::Relaxed);
-        ::metrics::gauge!(names::RUNNING).set(running as f64);
-        ::metrics::gauge!(names::WAITING).set(waiting as f64);
-        ::metrics::gauge!(names::KV_BLOCKS_USED).set(self.blocks.used() as f64);
-        ::metrics::gauge!(names::KV_BLOCKS_FREE).set(self.blocks.free() as f64);
+        self.hot.running.set(running as f64);
+        self.hot.waiting.set(waiting as f64);
+        self.hot.blocks_used.set(self.blocks.used() as f64);
+        self.hot.blocks_free.set(self.blocks.free() as f64);
     }
 }
 

@@ -55,3 +55,43 @@ pub const ALL: [&str; 15] = [
     STEPS,
     REQUESTS_FINISHED,
 ];
+
+/// Handles for the metrics recorded on every token, registered once so the
+/// hot path does not build metric keys. Like any `metrics` handle they bind
+/// to the recorder installed when the engine is created: install the
+/// recorder first.
+pub(crate) struct Hot {
+    pub(crate) queue_time: [::metrics::Histogram; 3],
+    pub(crate) ttft: [::metrics::Histogram; 3],
+    pub(crate) itl: [::metrics::Histogram; 3],
+    pub(crate) tokens: ::metrics::Counter,
+    pub(crate) steps: ::metrics::Counter,
+    pub(crate) batch_size: ::metrics::Histogram,
+    pub(crate) batch_tokens: ::metrics::Histogram,
+    pub(crate) running: ::metrics::Gauge,
+    pub(crate) waiting: ::metrics::Gauge,
+    pub(crate) blocks_used: ::metrics::Gauge,
+    pub(crate) blocks_free: ::metrics::Gauge,
+}
+
+impl Hot {
+    pub(crate) fn register() -> Self {
+        use batching_types::Priority;
+        let by_priority = |name: &'static str| {
+            Priority::ALL.map(|p| ::metrics::histogram!(name, "priority" => p.as_str()))
+        };
+        Self {
+            queue_time: by_priority(QUEUE_TIME),
+            ttft: by_priority(TIME_TO_FIRST_TOKEN),
+            itl: by_priority(INTER_TOKEN_LATENCY),
+            tokens: ::metrics::counter!(TOKENS_GENERATED),
+            steps: ::metrics::counter!(STEPS),
+            batch_size: ::metrics::histogram!(BATCH_SIZE),
+            batch_tokens: ::metrics::histogram!(BATCH_TOKENS),
+            running: ::metrics::gauge!(RUNNING),
+            waiting: ::metrics::gauge!(WAITING),
+            blocks_used: ::metrics::gauge!(KV_BLOCKS_USED),
+            blocks_free: ::metrics::gauge!(KV_BLOCKS_FREE),
+        }
+    }
+}
