@@ -114,7 +114,7 @@ fn step_overhead(c: &mut Criterion) {
             for _ in &trace.finished {
                 streams.push(engine.submit(long_request()).unwrap().1);
             }
-            if steps % 1024 == 0 {
+            if steps.is_multiple_of(32) {
                 streams.retain_mut(|rx| {
                     while rx.try_recv().is_ok() {}
                     !rx.is_closed()

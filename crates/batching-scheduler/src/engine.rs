@@ -278,13 +278,25 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         let mut budget = self.config.max_batch_tokens;
         let mut planned = vec![false; self.active.len()];
 
-        // Decodes, most urgent first, so that a preemption always hits a
-        // request that is less urgent than every one already planned.
-        let mut order: Vec<(f64, usize)> = (0..self.active.len())
-            .filter(|&i| self.active[i].decoding())
-            .map(|i| (self.urgency_key(i, now), i))
-            .collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Decodes. When blocks are short, most urgent first, so that a
+        // preemption always hits a request that is less urgent than every
+        // one already planned; otherwise (the common case) in admission
+        // order, without computing priorities.
+        let mut short = 0usize;
+        let mut order: Vec<(f64, usize)> = Vec::with_capacity(self.active.len());
+        for (i, a) in self.active.iter().enumerate() {
+            if a.decoding() {
+                let needed = self.blocks.blocks_for(a.req.effective_tokens());
+                short += needed.saturating_sub(a.req.block_table.len());
+                order.push((0.0, i));
+            }
+        }
+        if short > self.blocks.free() {
+            for entry in &mut order {
+                entry.0 = self.urgency_key(entry.1, now);
+            }
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        }
         for (_, i) in order {
             if self.active[i].gone {
                 continue;

@@ -17,7 +17,7 @@ use crate::{shared::Shared, Engine, EngineHealth, SchedulerConfig, SchedulerErro
 
 /// What a handle sends to the engine thread.
 enum Command {
-    Submit(BatchRequest),
+    Submit(Box<BatchRequest>),
     Shutdown,
 }
 
@@ -204,7 +204,7 @@ impl SchedulerHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .map(|tx| tx.send(Command::Submit(request)));
+            .map(|tx| tx.send(Command::Submit(Box::new(request))));
         match sent {
             Some(Ok(())) => Ok(stream),
             Some(Err(_)) => {
@@ -355,7 +355,7 @@ fn handle<B: Backend, C: Clock + Clone>(
     shutting_down: &mut bool,
 ) {
     match command {
-        Command::Submit(request) => engine.enqueue(request),
+        Command::Submit(request) => engine.enqueue(*request),
         Command::Shutdown => {
             engine.begin_shutdown();
             *shutting_down = true;
