@@ -1,0 +1,137 @@
+//! The router and the state every handler shares.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{
+    extract::{DefaultBodyLimit, Request},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+    Extension, Router,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::{
+    engine::Engine,
+    openai::extract::{BodyLimit, DEFAULT_BODY_LIMIT},
+    routes::{self, chat, completions, health, models},
+    text_model::TextModel,
+};
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A request still waiting in the queue this long after it arrived ends
+    /// with a 504; `None` waits forever.
+    pub request_timeout: Option<Duration>,
+    /// The largest request body accepted, in bytes.
+    pub body_limit: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: None,
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The batching engine.
+    pub engine: Arc<dyn Engine>,
+    /// The served model's text side.
+    pub model: Arc<dyn TextModel>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// HTTP settings.
+    pub config: ServerConfig,
+    /// Unix seconds when the server started, reported as the model's
+    /// creation time.
+    pub started_at_unix: u64,
+    next_id: Arc<AtomicU64>,
+}
+
+impl AppState {
+    /// State for a server over `engine` and `model`.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        model: Arc<dyn TextModel>,
+        metrics: PrometheusHandle,
+        config: ServerConfig,
+    ) -> Self {
+        Self {
+            engine,
+            model,
+            metrics,
+            config,
+            started_at_unix: routes::unix_now(),
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// A request id no other request of this server has.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Every route, with OpenAI-shaped errors for unknown ones and a body limit
+/// enforced before any parsing.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.body_limit;
+    Router::new()
+        .route("/v1/chat/completions", post(chat::handler))
+        .route("/v1/completions", post(completions::handler))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
+        .route("/health", get(health::handler))
+        .route("/metrics", get(routes::metrics::handler))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(Extension(BodyLimit(limit)))
+        .layer(middleware::from_fn(count_requests))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Counts responses by route and status.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    metrics::counter!(
+        "mlx_batch_server_http_responses_total",
+        "route" => route,
+        "status" => response.status().as_u16().to_string(),
+    )
+    .increment(1);
+    response
+}
+
+/// Serves `state` on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

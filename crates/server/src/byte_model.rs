@@ -1,0 +1,155 @@
+//! A byte-level [`TextModel`]: every byte is one token.
+//!
+//! It exists so that the HTTP layer can be tested end to end over the
+//! simulated backend with no model files. It still behaves like a real
+//! tokenizer where it matters to the server: characters can span several
+//! tokens, so its decoder has to buffer incomplete UTF-8.
+
+use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
+
+/// The byte-level test model.
+#[derive(Debug, Clone)]
+pub struct ByteTextModel {
+    id: String,
+    max_context: usize,
+    eos: Vec<u32>,
+}
+
+impl ByteTextModel {
+    /// A model called `id` that holds `max_context` tokens and ends
+    /// generation on any of `eos` (ids of 256 and above are never text).
+    pub fn new(id: impl Into<String>, max_context: usize, eos: Vec<u32>) -> Self {
+        Self {
+            id: id.into(),
+            max_context,
+            eos,
+        }
+    }
+}
+
+impl TextModel for ByteTextModel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn vocab_size(&self) -> usize {
+        // The 256 bytes, then room for special tokens such as an EOS id.
+        512
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String> {
+        // ChatML, the format of the default model's template.
+        let mut out = String::new();
+        for m in messages {
+            out.push_str(&format!(
+                "<|im_start|>{}\n{}<|im_end|>\n",
+                m.role, m.content
+            ));
+        }
+        out.push_str("<|im_start|>assistant\n");
+        Ok(out)
+    }
+
+    fn decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(Utf8Decoder::default())
+    }
+}
+
+/// Collects bytes and releases the longest valid UTF-8 prefix.
+#[derive(Debug, Default)]
+struct Utf8Decoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder for Utf8Decoder {
+    fn push(&mut self, token: u32) -> anyhow::Result<String> {
+        let Ok(byte) = u8::try_from(token) else {
+            // Not a byte: a special token, which has no text.
+            return Ok(String::new());
+        };
+        self.pending.push(byte);
+        match std::str::from_utf8(&self.pending) {
+            Ok(text) => {
+                let text = text.to_owned();
+                self.pending.clear();
+                Ok(text)
+            }
+            // An incomplete character at the end: wait for its other bytes.
+            Err(e) if e.error_len().is_none() => {
+                let valid = e.valid_up_to();
+                let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                self.pending.drain(..valid);
+                Ok(text)
+            }
+            // Bytes that can never become valid: show them as U+FFFD, as
+            // real byte-level tokenizers do.
+            Err(_) => {
+                let text = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                Ok(text)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn multi_byte_characters_come_out_whole() {
+        let model = ByteTextModel::new("m", 64, vec![256]);
+        let tokens = model.encode("é!").unwrap();
+        assert_eq!(tokens.len(), 3);
+        let mut d = model.decoder();
+        assert_eq!(d.push(tokens[0]).unwrap(), "");
+        assert_eq!(d.push(tokens[1]).unwrap(), "é");
+        assert_eq!(d.push(tokens[2]).unwrap(), "!");
+        assert_eq!(d.push(256).unwrap(), "", "special tokens have no text");
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        let model = ByteTextModel::new("m", 64, vec![]);
+        let mut d = model.decoder();
+        assert_eq!(d.push(0xC3).unwrap(), "");
+        assert_eq!(d.push(u32::from(b'a')).unwrap(), "\u{FFFD}a");
+        assert_eq!(d.push(0xE2).unwrap(), "");
+        assert_eq!(d.flush(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn chat_prompts_use_chatml() {
+        let model = ByteTextModel::new("m", 64, vec![]);
+        let prompt = model
+            .chat_prompt(&[ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }])
+            .unwrap();
+        assert_eq!(
+            prompt,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}

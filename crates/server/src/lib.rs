@@ -1,0 +1,23 @@
+//! The `mlx-batch` server: OpenAI-compatible HTTP over the
+//! continuous-batching scheduler, and the command line around it.
+//!
+//! The main design decision is that the HTTP layer talks to the rest of the
+//! system through two small seams, [`engine::Engine`] (submit a request, get
+//! its event stream; report health) and [`text_model::TextModel`] (encode,
+//! chat template, streaming detokenizer). Routes therefore hold no model or
+//! scheduling logic, they are tested over real HTTP with the simulated
+//! backend and a byte-level model, and the binary plugs in the real
+//! scheduler and tokenizer. A response owns its engine event stream, so a
+//! client that disconnects cancels its request by simply going away.
+
+pub mod app;
+pub mod byte_model;
+pub mod engine;
+pub mod generation;
+pub mod openai;
+pub mod prepare;
+pub mod routes;
+pub mod sse;
+pub mod stop;
+pub mod telemetry;
+pub mod text_model;

@@ -1,0 +1,218 @@
+//! Turning validated OpenAI parameters into an engine request.
+//!
+//! Every check that depends only on the request happens here, before the
+//! engine sees it, so that each refusal names its parameter and nothing
+//! invalid ever takes a place in the queue.
+
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use batching_types::{NewRequest, Priority, SamplingParams, TypesError};
+
+use crate::{
+    app::AppState,
+    generation::GenerationConfig,
+    openai::{
+        errors::ApiError,
+        types::{CommonParams, StopParam},
+    },
+};
+
+/// The most stop strings a request may carry, as in OpenAI's API.
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// The header that sets a request's priority when the body does not.
+pub const PRIORITY_HEADER: &str = "x-priority";
+
+/// A request ready to submit, with what reading its answer needs.
+pub struct Prepared {
+    /// What the engine runs.
+    pub request: NewRequest,
+    /// How to read the answer.
+    pub generation: GenerationConfig,
+    /// Whether to stream server-sent events.
+    pub stream: bool,
+    /// Whether a stream ends with a usage chunk.
+    pub include_usage: bool,
+}
+
+/// Fails with 404 unless `model` is the one this server serves.
+pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.model.id() {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+/// Validates `params` for a prompt of `prompt_tokens` and builds the
+/// request. `prompt_param` names the prompt field in errors.
+pub fn prepare(
+    state: &AppState,
+    prompt_tokens: Vec<u32>,
+    prompt_param: &str,
+    params: &CommonParams,
+    headers: &HeaderMap,
+) -> Result<Prepared, ApiError> {
+    if let Some(n) = params.n {
+        if n != 1 {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n={n} is not supported: this server returns exactly one choice (n=1)"),
+            ));
+        }
+    }
+    if prompt_tokens.is_empty() {
+        return Err(ApiError::invalid_param(
+            prompt_param,
+            format!("the {prompt_param} must not be empty"),
+        ));
+    }
+    let vocab = state.model.vocab_size();
+    if let Some(bad) = prompt_tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid_param(
+            prompt_param,
+            format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
+        ));
+    }
+    let max_tokens = max_tokens(state, prompt_tokens.len(), params)?;
+    let sampling = sampling(state, params)?;
+    let priority = priority(params, headers)?;
+    let stop = stop_strings(params.stop.as_ref())?;
+    if let Some(user) = &params.user {
+        tracing::debug!(user, "request from user");
+    }
+    let prompt_len = prompt_tokens.len();
+    Ok(Prepared {
+        request: NewRequest {
+            request_id: state.next_request_id(),
+            model_id: state.model.id().to_owned(),
+            prompt_tokens,
+            max_tokens,
+            priority,
+            sampling,
+            deadline: state.config.request_timeout.map(|t| Instant::now() + t),
+        },
+        generation: GenerationConfig {
+            decoder: state.model.decoder(),
+            stop,
+            eos_token_ids: state.model.eos_token_ids(),
+            prompt_tokens: prompt_len,
+        },
+        stream: params.stream.unwrap_or(false),
+        include_usage: params
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
+/// `max_completion_tokens` (or `max_tokens`), checked against the context;
+/// without either, the rest of the context.
+fn max_tokens(
+    state: &AppState,
+    prompt_len: usize,
+    params: &CommonParams,
+) -> Result<usize, ApiError> {
+    let context = state.model.max_context();
+    if prompt_len >= context {
+        return Err(ApiError::context_length(format!(
+            "This model's maximum context length is {context} tokens. However, your prompt has {prompt_len} tokens, which leaves no room for a completion."
+        )));
+    }
+    let requested = match (params.max_completion_tokens, params.max_tokens) {
+        (Some(v), _) => Some(("max_completion_tokens", v)),
+        (None, Some(v)) => Some(("max_tokens", v)),
+        (None, None) => None,
+    };
+    let Some((name, value)) = requested else {
+        return Ok(context - prompt_len);
+    };
+    if value < 1 {
+        return Err(ApiError::invalid_param(
+            name,
+            format!("{name} must be at least 1, got {value}"),
+        ));
+    }
+    let value = usize::try_from(value).unwrap_or(usize::MAX);
+    if prompt_len.saturating_add(value) > context {
+        return Err(ApiError::context_length(format!(
+            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {value} in the completion). Please reduce the prompt or {name}.",
+            prompt_len.saturating_add(value)
+        )));
+    }
+    Ok(value)
+}
+
+fn sampling(state: &AppState, params: &CommonParams) -> Result<SamplingParams, ApiError> {
+    let defaults = SamplingParams::default();
+    let top_k = match params.top_k {
+        None => None,
+        // Some servers read 0 or -1 as "off"; here omitting the field turns
+        // it off, so a non-positive value is more likely a mistake.
+        Some(k) if k < 1 => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be at least 1, got {k}; omit it to disable top-k"),
+            ))
+        }
+        Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+    };
+    let sampling = SamplingParams {
+        // f64 to f32 loses only precision no sampler can tell apart.
+        temperature: params
+            .temperature
+            .map_or(defaults.temperature, |t| t as f32),
+        top_p: params.top_p.map_or(defaults.top_p, |p| p as f32),
+        top_k,
+        seed: params.seed.map(|s| u64::from_ne_bytes(s.to_ne_bytes())),
+        stop_token_ids: state.model.eos_token_ids(),
+    };
+    sampling.validate().map_err(|e| match e {
+        TypesError::InvalidSampling { param, reason } => {
+            ApiError::invalid_param(param, format!("invalid value for {param}: {reason}"))
+        }
+        other => ApiError::bad_json(other.to_string()),
+    })?;
+    Ok(sampling)
+}
+
+fn priority(params: &CommonParams, headers: &HeaderMap) -> Result<Priority, ApiError> {
+    if let Some(p) = &params.priority {
+        return p
+            .parse()
+            .map_err(|e: TypesError| ApiError::invalid_param("priority", e.to_string()));
+    }
+    match headers.get(PRIORITY_HEADER) {
+        None => Ok(Priority::default()),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "priority",
+                    format!("the {PRIORITY_HEADER} header must be \"high\", \"normal\" or \"low\""),
+                )
+            }),
+    }
+}
+
+fn stop_strings(stop: Option<&StopParam>) -> Result<Vec<String>, ApiError> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(StopParam::One(s)) => vec![s.clone()],
+        Some(StopParam::Many(v)) => v.clone(),
+    };
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                stops.len()
+            ),
+        ));
+    }
+    Ok(stops)
+}

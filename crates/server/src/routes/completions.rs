@@ -1,0 +1,144 @@
+//! `POST /v1/completions`.
+
+use axum::{
+    extract::State,
+    http::HeaderMap,
+    response::{IntoResponse, Response},
+    Json,
+};
+use futures::{stream, StreamExt};
+
+use crate::{
+    app::AppState,
+    generation::Generation,
+    openai::{
+        errors::ApiError,
+        extract::OpenAiJson,
+        types::{CompletionRequest, PromptParam, TextChoice, TextCompletion, UsageOut},
+    },
+    prepare::{check_model, prepare},
+    routes::{
+        streaming::{first_step, items, StreamItem},
+        unix_now,
+    },
+    sse,
+};
+
+/// Answers a text completion, streamed or not.
+pub async fn handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiJson(body): OpenAiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    check_model(&state, &body.model)?;
+    if body.echo == Some(true) {
+        return Err(ApiError::invalid_param(
+            "echo",
+            "echo=true is not supported",
+        ));
+    }
+    let tokens = prompt_tokens(&state, &body.prompt)?;
+    let prepared = prepare(&state, tokens, "prompt", &body.params, &headers)?;
+    let shape = Shape {
+        id: format!("cmpl-{}", prepared.request.request_id),
+        created: unix_now(),
+        model: body.model,
+        include_usage: prepared.include_usage,
+    };
+    let events = state.engine.submit(prepared.request)?;
+    let mut generation = Generation::new(events, prepared.generation);
+
+    if !prepared.stream {
+        let (text, reason, usage) = generation.collect().await?;
+        return Ok(Json(shape.completion(text, Some(reason), Some(Some(usage)))).into_response());
+    }
+    let first = first_step(&mut generation).await?;
+    let payloads =
+        items(first, generation).flat_map(move |item| stream::iter(shape.payloads(item)));
+    Ok(sse::response(payloads))
+}
+
+/// The prompt as token ids; exactly one prompt per request.
+fn prompt_tokens(state: &AppState, prompt: &PromptParam) -> Result<Vec<u32>, ApiError> {
+    let encode = |text: &str| {
+        state
+            .model
+            .encode(text)
+            .map_err(|e| ApiError::invalid_param("prompt", format!("tokenizer: {e:#}")))
+    };
+    let one_prompt = || {
+        ApiError::invalid_param(
+            "prompt",
+            "exactly one prompt per request is supported; send several requests instead",
+        )
+    };
+    match prompt {
+        PromptParam::Text(text) => encode(text),
+        PromptParam::Tokens(tokens) => Ok(tokens.clone()),
+        PromptParam::Texts(texts) => match texts.as_slice() {
+            [text] => encode(text),
+            _ => Err(one_prompt()),
+        },
+        PromptParam::TokenLists(lists) => match lists.as_slice() {
+            [tokens] => Ok(tokens.clone()),
+            _ => Err(one_prompt()),
+        },
+    }
+}
+
+/// What every payload of one response shares.
+struct Shape {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Shape {
+    fn completion(
+        &self,
+        text: String,
+        finish_reason: Option<&'static str>,
+        usage: Option<Option<UsageOut>>,
+    ) -> TextCompletion {
+        TextCompletion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![TextChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage,
+        }
+    }
+
+    fn payloads(&self, item: StreamItem) -> Vec<String> {
+        let stream_usage = self.include_usage.then_some(None);
+        match item {
+            StreamItem::Text(text) => vec![to_json(&self.completion(text, None, stream_usage))],
+            StreamItem::Finish { reason, usage } => {
+                let mut out = vec![to_json(&self.completion(
+                    String::new(),
+                    Some(reason),
+                    stream_usage,
+                ))];
+                if self.include_usage {
+                    let mut last = self.completion(String::new(), None, Some(Some(usage)));
+                    last.choices.clear();
+                    out.push(to_json(&last));
+                }
+                out
+            }
+            StreamItem::Error(e) => vec![e.body_json()],
+        }
+    }
+}
+
+fn to_json(completion: &TextCompletion) -> String {
+    serde_json::to_string(completion)
+        .unwrap_or_else(|e| ApiError::internal(format!("serializing a chunk: {e}")).body_json())
+}

@@ -1,0 +1,36 @@
+//! `GET /health`: whether the engine loop, not just the HTTP layer, is
+//! alive.
+
+use axum::{extract::State, http::StatusCode, Json};
+use serde::Serialize;
+
+use crate::{app::AppState, engine::EngineHealth};
+
+/// The health report.
+#[derive(Debug, Serialize)]
+pub struct HealthReport {
+    /// `ok` or `unavailable`.
+    pub status: &'static str,
+    /// The model being served.
+    pub model: String,
+    /// The engine's state.
+    pub engine: EngineHealth,
+}
+
+/// 200 while the engine runs, 503 once it has stopped.
+pub async fn handler(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
+    let engine = state.engine.health();
+    let (code, status) = if engine.alive {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    (
+        code,
+        Json(HealthReport {
+            status,
+            model: state.model.id().to_owned(),
+            engine,
+        }),
+    )
+}

@@ -1,0 +1,46 @@
+//! The seam between the HTTP layer and a model's text side.
+//!
+//! The routes need only a handful of things from a model: turn text into
+//! tokens, format a chat, turn tokens back into text as they stream, and
+//! know the end-of-sequence ids and the context length. Keeping that behind
+//! a small trait lets the HTTP tests run over a byte-level model with the
+//! simulated backend, and the binary plug in the real tokenizer.
+
+/// One chat message, already flattened to text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, ...
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+/// Turns generated tokens into text incrementally.
+///
+/// A token can end in the middle of a multi-byte character, so a decoder
+/// may hold bytes back until the character is complete.
+pub trait StreamDecoder: Send {
+    /// Adds one token and returns the text that became final.
+    fn push(&mut self, token: u32) -> anyhow::Result<String>;
+    /// Returns whatever is still held back once generation ends.
+    fn flush(&mut self) -> String;
+}
+
+/// What the server needs to know about the model it serves.
+pub trait TextModel: Send + Sync + 'static {
+    /// The id clients name in the `model` field.
+    fn id(&self) -> &str;
+    /// The longest sequence, prompt plus generated tokens.
+    fn max_context(&self) -> usize;
+    /// The number of token ids; prompts given as ids must stay below it.
+    fn vocab_size(&self) -> usize;
+    /// Tokens that end generation; they are never shown as text.
+    fn eos_token_ids(&self) -> Vec<u32>;
+    /// Tokenizes a prompt as-is (no special tokens are added).
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>>;
+    /// Formats a conversation with the model's chat template, ending with
+    /// the prompt for the assistant's turn.
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String>;
+    /// A fresh incremental decoder for one response.
+    fn decoder(&self) -> Box<dyn StreamDecoder>;
+}
