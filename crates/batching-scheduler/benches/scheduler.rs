@@ -125,6 +125,49 @@ fn step_overhead(c: &mut Criterion) {
     });
 }
 
+/// CPU time this thread has run, in nanoseconds (Linux only). On a shared
+/// machine wall-clock samples include time spent waiting for a core, so
+/// the bench also reports CPU time per step.
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Steps with 256 decoding sequences, timed by this thread's CPU clock.
+fn step_cpu_time() {
+    let config = SchedulerConfig {
+        max_batch_size: 256,
+        max_batch_tokens: 8192,
+        max_queue: None,
+        ..SchedulerConfig::default()
+    };
+    let mut engine = Engine::new(config, NullBackend::default(), SystemClock).unwrap();
+    let mut streams: Vec<EventReceiver> = (0..256)
+        .map(|_| engine.submit(long_request()).unwrap().1)
+        .collect();
+    engine.step();
+    let steps = 5000u64;
+    let (Some(cpu0), wall0) = (thread_cpu_ns(), Instant::now()) else {
+        return;
+    };
+    for n in 0..steps {
+        black_box(engine.step());
+        if n % 32 == 0 {
+            streams
+                .iter_mut()
+                .for_each(|rx| while rx.try_recv().is_ok() {});
+        }
+    }
+    let wall = wall0.elapsed();
+    if let Some(cpu1) = thread_cpu_ns() {
+        println!(
+            "step_overhead/256_running: {:.1} µs CPU per step ({:.1} µs wall) over {steps} steps",
+            (cpu1 - cpu0) as f64 / steps as f64 / 1000.0,
+            wall.as_secs_f64() * 1e6 / steps as f64
+        );
+    }
+}
+
 /// One request of the simulated workload.
 #[derive(Clone)]
 struct Job {
@@ -347,5 +390,6 @@ fn main() {
         .configure_from_args();
     step_overhead(&mut c);
     c.final_summary();
+    step_cpu_time();
     simulation_table();
 }
