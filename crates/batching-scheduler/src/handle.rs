@@ -362,3 +362,58 @@ fn handle<B: Backend, C: Clock + Clone>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use futures::StreamExt;
+
+    fn stream() -> (batching_types::EventSender, RequestStream) {
+        let (tx, rx) = batching_types::event_channel();
+        let stream = RequestStream {
+            id: RequestId(1),
+            prompt_tokens: 3,
+            delivered: 0,
+            rx,
+            finished: false,
+        };
+        (tx, stream)
+    }
+
+    #[tokio::test]
+    async fn a_vanished_engine_still_yields_exactly_one_error_finish() {
+        let (tx, stream) = stream();
+        tx.send(OutputEvent::Token { token: 5, index: 0 }).unwrap();
+        drop(tx);
+        let events: Vec<_> = stream.collect().await;
+        assert_eq!(
+            events,
+            vec![
+                OutputEvent::Token { token: 5, index: 0 },
+                OutputEvent::Finished {
+                    reason: FinishReason::Error,
+                    usage: Usage {
+                        prompt_tokens: 3,
+                        completion_tokens: 1
+                    },
+                    message: Some("the engine stopped".into()),
+                }
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_after_the_finish_event() {
+        let (tx, mut stream) = stream();
+        let finished = OutputEvent::Finished {
+            reason: FinishReason::Length,
+            usage: Usage::default(),
+            message: None,
+        };
+        tx.send(finished.clone()).unwrap();
+        assert_eq!(stream.next_event().await, Some(finished));
+        assert_eq!(stream.next_event().await, None);
+        assert_eq!(stream.id(), RequestId(1));
+    }
+}
