@@ -1,0 +1,393 @@
+//! [`MlxBackend`]: the [`Backend`] that the scheduler drives.
+//!
+//! Each step turns the plan into one [`StepBatch`], builds one MLX graph for
+//! it, evaluates it once (the step's only host sync), and samples on the
+//! host. Items that cannot run (an unknown id, a chunk past its context, a
+//! context past the model's limit) fail alone and are left out of the batch.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    path::PathBuf,
+};
+
+use batching_types::{
+    Backend, BackendCapacity, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
+    StepOutput, StepPlan, WorkKind,
+};
+use mlx_rs::Dtype;
+
+use crate::{
+    error::BackendError,
+    kv_cache::KvCache,
+    model::{Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
+    sampling,
+    Device,
+};
+
+/// The KV memory budget when neither `kv_tokens` nor `kv_memory_bytes` is
+/// given.
+pub const DEFAULT_KV_MEMORY_BYTES: u64 = 2 << 30;
+
+/// How to load a model; a config struct so that new knobs do not break
+/// callers.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A Hugging Face / mlx-community model folder.
+    pub model_dir: PathBuf,
+    /// Where MLX runs.
+    pub device: Device,
+    /// Weight dtype; `None` picks f32 on a CPU (dequantizing quantized
+    /// weights, since only f32 matmul batches on MLX's CPU backend) and the
+    /// stored weights on a GPU.
+    pub dtype: Option<ModelDType>,
+    /// KV capacity in tokens; `None` derives it from `kv_memory_bytes`.
+    pub kv_tokens: Option<usize>,
+    /// KV memory budget; `None` means [`DEFAULT_KV_MEMORY_BYTES`].
+    pub kv_memory_bytes: Option<u64>,
+    /// The most sequences the scheduler will batch (a sizing hint).
+    pub max_batch_size: usize,
+}
+
+impl LoadOptions {
+    /// Defaults for `model_dir`: the best device, automatic dtype, 2 GiB of
+    /// KV cache, batches of up to 32.
+    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            model_dir: model_dir.into(),
+            device: Device::default(),
+            dtype: None,
+            kv_tokens: None,
+            kv_memory_bytes: None,
+            max_batch_size: 32,
+        }
+    }
+
+    /// The dtype that `dtype: None` resolves to on `device`.
+    pub fn resolved_dtype(&self) -> ModelDType {
+        self.dtype.unwrap_or(match self.device {
+            Device::Cpu => ModelDType::F32,
+            Device::Gpu => ModelDType::Native,
+        })
+    }
+}
+
+/// One registered sequence.
+struct Sequence {
+    row: usize,
+    context: Vec<u32>,
+    /// Context tokens already in the cache.
+    prefilled: usize,
+    /// The last sampled token, fed by the next decode.
+    last: Option<u32>,
+    sampling: SamplingParams,
+    seed: u64,
+}
+
+/// A Llama-family model on MLX with a batched KV cache.
+///
+/// Not `Send` in spirit: MLX arrays belong to the thread that made them, so
+/// the scheduler builds the backend on its engine thread.
+pub struct MlxBackend {
+    model: LlamaModel,
+    cache: KvCache,
+    sequences: HashMap<RequestId, Sequence>,
+    capacity: BackendCapacity,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for MlxBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlxBackend")
+            .field("info", &self.info)
+            .field("capacity", &self.capacity)
+            .field("sequences", &self.sequences.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one plan item turned into.
+enum Planned {
+    Failed(String),
+    Pending,
+    /// Sample from logits row `usize` for the token at `u64`.
+    Sample(usize, u64),
+}
+
+impl MlxBackend {
+    /// Loads the model in `options.model_dir` onto `options.device`.
+    pub fn load(options: &LoadOptions) -> Result<Self, BackendError> {
+        let device = options.device.ensure_available()?;
+        mlx_rs::Device::set_default(&device.to_mlx());
+        let dir = &options.model_dir;
+        let config = ModelConfig::read(dir)?;
+        let info = ModelInfo::from_config(dir, &config);
+        let dtype = options.resolved_dtype();
+        let store = crate::model::weights::WeightStore::open(dir, dtype)?;
+        let model = LlamaModel::load(config, &store, dtype)?;
+        drop(store);
+        let layout = model.kv_layout();
+        let kv_dtype = model.dtype();
+        let kv_tokens = match (options.kv_tokens, options.kv_memory_bytes) {
+            (Some(tokens), _) => tokens,
+            (None, bytes) => {
+                let bytes = bytes.unwrap_or(DEFAULT_KV_MEMORY_BYTES);
+                (bytes / layout.bytes_per_token(kv_dtype).max(1) as u64) as usize
+            }
+        };
+        if kv_tokens == 0 {
+            return Err(BackendError::Sequence(
+                "the KV budget holds no token; raise kv_tokens or kv_memory_bytes".into(),
+            ));
+        }
+        let capacity = BackendCapacity {
+            kv_tokens,
+            max_context: info.max_context.min(kv_tokens),
+        };
+        Ok(Self {
+            cache: KvCache::new(layout, kv_dtype),
+            model,
+            sequences: HashMap::new(),
+            capacity,
+            info,
+        })
+    }
+
+    /// The model's name, architecture and limits.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The weights' dtype as loaded.
+    pub fn dtype(&self) -> Dtype {
+        self.model.dtype()
+    }
+
+    /// Bytes the KV cache holds now (padding included).
+    pub fn kv_allocated_bytes(&self) -> usize {
+        self.cache.allocated_bytes()
+    }
+
+    /// Registered sequences.
+    pub fn num_sequences(&self) -> usize {
+        self.sequences.len()
+    }
+
+    fn plan_item(
+        &self,
+        id: RequestId,
+        kind: WorkKind,
+        batch: &mut StepBatch,
+        chunks_tokens: &mut Vec<u32>,
+        chunk_samples: &mut Vec<(usize, usize)>,
+        item: usize,
+    ) -> Planned {
+        let Some(seq) = self.sequences.get(&id) else {
+            return Planned::Failed(format!("{id} is not registered"));
+        };
+        let cached = self.cache.len(seq.row);
+        let max_context = self.capacity.max_context;
+        match kind {
+            WorkKind::Decode => {
+                let Some(last) = seq.last.filter(|_| seq.prefilled == seq.context.len()) else {
+                    return Planned::Failed(format!("{id} decodes before its prefill finished"));
+                };
+                if cached + 1 >= max_context {
+                    return Planned::Failed(format!(
+                        "{id} reached the model's context of {max_context} tokens"
+                    ));
+                }
+                batch.tokens.push(last);
+                batch.decode_rows.push(seq.row);
+                let index = batch.decode_rows.len() - 1;
+                batch.sample_at.push(index);
+                Planned::Sample(batch.sample_at.len() - 1, (cached + 1) as u64)
+            }
+            WorkKind::Prefill { len } => {
+                let end = seq.prefilled + len;
+                if len == 0 || end > seq.context.len() {
+                    return Planned::Failed(format!(
+                        "{id}: a prefill of {len} tokens from {} runs past its {} context tokens",
+                        seq.prefilled,
+                        seq.context.len()
+                    ));
+                }
+                let start = chunks_tokens.len();
+                chunks_tokens.extend_from_slice(&seq.context[seq.prefilled..end]);
+                batch.chunks.push(Chunk {
+                    row: seq.row,
+                    start,
+                    len,
+                    position: seq.prefilled,
+                });
+                if end == seq.context.len() {
+                    // Resolved to a logits row once the decode count is known.
+                    chunk_samples.push((item, start + len - 1));
+                    Planned::Sample(usize::MAX, end as u64)
+                } else {
+                    Planned::Pending
+                }
+            }
+        }
+    }
+}
+
+impl Backend for MlxBackend {
+    type Error = BackendError;
+
+    fn capacity(&self) -> BackendCapacity {
+        self.capacity
+    }
+
+    fn add_sequence(
+        &mut self,
+        id: RequestId,
+        context: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<(), Self::Error> {
+        if self.sequences.contains_key(&id) {
+            return Err(BackendError::Sequence(format!("{id} is already registered")));
+        }
+        if context.is_empty() {
+            return Err(BackendError::Sequence(format!("{id} has an empty context")));
+        }
+        if context.len() >= self.capacity.max_context {
+            return Err(BackendError::Sequence(format!(
+                "{id}: {} context tokens leave no room in the model's context of {}",
+                context.len(),
+                self.capacity.max_context
+            )));
+        }
+        let vocab = self.info.vocab_size as u32;
+        if let Some(bad) = context.iter().find(|&&t| t >= vocab) {
+            return Err(BackendError::Sequence(format!(
+                "{id}: token {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        sampling
+            .validate()
+            .map_err(|e| BackendError::Sequence(format!("{id}: {e}")))?;
+        // Unseeded requests get a seed now, so that a preempted request
+        // recomputed later still draws the same tokens.
+        let seed = sampling
+            .seed
+            .unwrap_or_else(|| RandomState::new().hash_one(id.0));
+        let row = self.cache.acquire_row();
+        self.sequences.insert(
+            id,
+            Sequence {
+                row,
+                context: context.to_vec(),
+                prefilled: 0,
+                last: None,
+                sampling: sampling.clone(),
+                seed,
+            },
+        );
+        Ok(())
+    }
+
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, Self::Error> {
+        let mut batch = StepBatch::default();
+        let mut chunk_tokens = Vec::new();
+        let mut chunk_samples = Vec::new();
+        let mut planned = Vec::with_capacity(plan.items.len());
+        for (i, item) in plan.items.iter().enumerate() {
+            let p = self.plan_item(
+                item.id,
+                item.kind,
+                &mut batch,
+                &mut chunk_tokens,
+                &mut chunk_samples,
+                i,
+            );
+            planned.push(p);
+        }
+        // Prefill tokens follow the decodes in the stacked activation.
+        let n_dec = batch.decode_rows.len();
+        batch.tokens.extend_from_slice(&chunk_tokens);
+        for chunk in &mut batch.chunks {
+            chunk.start += n_dec;
+        }
+        for (item, token_index) in chunk_samples {
+            batch.sample_at.push(token_index + n_dec);
+            if let Some(Planned::Sample(row, _)) = planned.get_mut(item) {
+                *row = batch.sample_at.len() - 1;
+            }
+        }
+
+        let logits = self.model.forward(&batch, &mut self.cache)?;
+        let host: Vec<f32> = match &logits {
+            Some(l) => {
+                mlx_rs::transforms::eval([l])?;
+                l.as_slice::<f32>().to_vec()
+            }
+            None => {
+                mlx_rs::transforms::eval(self.cache.all_arrays())?;
+                Vec::new()
+            }
+        };
+        let vocab = logits.as_ref().map_or(0, |l| l.dim(1) as usize);
+
+        let mut results = Vec::with_capacity(plan.items.len());
+        for (item, p) in plan.items.iter().zip(planned) {
+            let outcome = match p {
+                Planned::Failed(message) => SequenceOutcome::Failed(message),
+                Planned::Pending => {
+                    self.advance_prefill(item.id, item.kind);
+                    SequenceOutcome::Pending
+                }
+                Planned::Sample(row, position) => {
+                    let Some(seq) = self.sequences.get(&item.id) else {
+                        results.push(SequenceResult {
+                            id: item.id,
+                            outcome: SequenceOutcome::Failed("vanished".into()),
+                        });
+                        continue;
+                    };
+                    let row_logits = &host[row * vocab..(row + 1) * vocab];
+                    let token = sampling::sample(row_logits, &seq.sampling, seq.seed, position);
+                    self.advance_prefill(item.id, item.kind);
+                    if let Some(seq) = self.sequences.get_mut(&item.id) {
+                        seq.last = Some(token);
+                    }
+                    SequenceOutcome::Token(token)
+                }
+            };
+            results.push(SequenceResult {
+                id: item.id,
+                outcome,
+            });
+        }
+        Ok(StepOutput { results })
+    }
+
+    fn release(&mut self, id: RequestId) {
+        if let Some(seq) = self.sequences.remove(&id) {
+            self.cache.release_row(seq.row);
+        }
+    }
+}
+
+impl MlxBackend {
+    /// Records what a successful item wrote into the cache.
+    fn advance_prefill(&mut self, id: RequestId, kind: WorkKind) {
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return;
+        };
+        let written = match kind {
+            WorkKind::Prefill { len } => {
+                seq.prefilled += len;
+                len
+            }
+            WorkKind::Decode => 1,
+        };
+        let len = self.cache.len(seq.row) + written;
+        self.cache.set_len(seq.row, len);
+    }
+}

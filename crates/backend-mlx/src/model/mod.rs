@@ -1,0 +1,10 @@
+//! The model: configuration, weights and the Llama-family forward pass.
+
+pub mod config;
+pub(crate) mod linear;
+pub mod llama;
+pub(crate) mod weights;
+
+pub use config::{ModelConfig, ModelInfo, QuantSpec, RopeScaling};
+pub use llama::{Chunk, LlamaModel, StepBatch};
+pub use weights::ModelDType;
