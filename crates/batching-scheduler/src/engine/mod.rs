@@ -1,0 +1,286 @@
+//! The synchronous engine core: one call of [`Engine::step`] plans, runs
+//! and accounts one forward pass. The threaded loop in [`crate::handle`]
+//! only wraps it, so tests drive it step by step with a manual clock.
+//!
+//! The step is split by phase: [`plan`] forms it, [`outcome`] applies its
+//! results and finishes requests.
+
+mod outcome;
+mod plan;
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use batching_queue::{PriorityQueueWithAging, QueueConfig};
+use batching_types::{
+    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest,
+    RequestId, RequestStatus, StepOutput, StepPlan,
+};
+
+use crate::{
+    blocks::BlockAllocator,
+    metrics as names,
+    shared::{EngineHealth, Limits, Shared},
+    SchedulerConfig, SchedulerError, StepTrace,
+};
+
+/// A request that holds KV blocks and is known to the backend.
+#[derive(Debug)]
+struct Active {
+    req: BatchRequest,
+    /// Tokens of the context given to the backend.
+    context_len: usize,
+    /// How many of them have been fed so far.
+    prefilled: usize,
+    /// When its last token was delivered, for inter-token latency.
+    last_token_at: Option<Instant>,
+    /// Set when it leaves the batch during this step.
+    gone: bool,
+}
+
+impl Active {
+    fn decoding(&self) -> bool {
+        self.req.status() == RequestStatus::Running
+    }
+}
+
+/// The scheduler's core: owns the backend, the waiting queue and the KV
+/// block accounting, and runs one step per call of [`Engine::step`].
+///
+/// Not thread-safe by design: it lives on the engine thread (MLX arrays
+/// must stay on the thread that made them). Use
+/// [`crate::SchedulerHandle`] to run it on its own thread.
+pub struct Engine<B: Backend, C: Clock + Clone> {
+    config: SchedulerConfig,
+    backend: B,
+    clock: C,
+    queue: PriorityQueueWithAging<BatchRequest, C>,
+    active: Vec<Active>,
+    blocks: BlockAllocator,
+    shared: Arc<Shared>,
+    capacity: BackendCapacity,
+    /// Failed whole steps each request has been part of.
+    retries: HashMap<RequestId, u32>,
+    /// When running requests are cancelled, once shutdown has begun.
+    shutdown_deadline: Option<Instant>,
+    steps: u64,
+    hot: names::Hot,
+}
+
+impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Engine<B, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("health", &self.health())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+    /// An engine over `backend`; validates `config` against the backend's
+    /// capacity (it needs room for at least one block).
+    pub fn new(config: SchedulerConfig, backend: B, clock: C) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        let capacity = backend.capacity();
+        let total_blocks = capacity.kv_tokens / config.block_size;
+        if total_blocks == 0 || capacity.max_context < 2 {
+            return Err(SchedulerError::InvalidConfig(format!(
+                "the backend holds {} KV tokens and a context of {}: not even one block of {} tokens and one generated token fit",
+                capacity.kv_tokens, capacity.max_context, config.block_size
+            )));
+        }
+        let queue = PriorityQueueWithAging::with_clock(
+            QueueConfig {
+                aging_rate: config.aging_rate,
+                // The bound is enforced at submit (see `Shared::prepare`) so
+                // that a preempted request can always go back in.
+                capacity: None,
+            },
+            clock.clone(),
+        )
+        .map_err(|e| SchedulerError::InvalidConfig(e.to_string()))?;
+        let shared = Arc::new(Shared::new(Limits {
+            max_queue: config.max_queue,
+            block_size: config.block_size,
+            total_blocks,
+            max_context: capacity.max_context,
+            overflow: config.context_overflow,
+        }));
+        Ok(Self {
+            blocks: BlockAllocator::new(total_blocks, config.block_size),
+            config,
+            backend,
+            clock,
+            queue,
+            active: Vec::new(),
+            shared,
+            capacity,
+            retries: HashMap::new(),
+            shutdown_deadline: None,
+            steps: 0,
+            hot: names::Hot::register(),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Validates and queues a request; returns its id and output stream.
+    /// The caller's `request_id` is replaced by a fresh engine-wide id.
+    pub fn submit(
+        &mut self,
+        spec: NewRequest,
+    ) -> Result<(RequestId, EventReceiver), SchedulerError> {
+        let (request, rx) = self.shared.prepare(spec, self.clock.now())?;
+        let id = request.request_id;
+        self.enqueue(request);
+        Ok((id, rx))
+    }
+
+    /// Queues a request that `Shared::prepare` accepted.
+    pub(crate) fn enqueue(&mut self, request: BatchRequest) {
+        if let Err(err) = self.queue.try_put(request) {
+            let message = err.to_string();
+            if let Some(mut request) = err.into_inner() {
+                self.finish_request(&mut request, FinishReason::Error, Some(message), None);
+            }
+        }
+        self.publish();
+    }
+
+    /// The backend, for inspection in tests.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend's capacity as read at start.
+    pub fn capacity(&self) -> BackendCapacity {
+        self.capacity
+    }
+
+    /// A snapshot of the engine's state.
+    pub fn health(&self) -> EngineHealth {
+        self.shared.health()
+    }
+
+    /// True while any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.active.is_empty() || !self.queue.empty()
+    }
+
+    /// Stops admitting: new submits fail with
+    /// [`SchedulerError::ShuttingDown`], waiting requests are cancelled at
+    /// the next step, and running ones may finish until the grace period
+    /// (from now) ends.
+    pub fn begin_shutdown(&mut self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        if self.shutdown_deadline.is_none() {
+            self.shutdown_deadline = Some(self.clock.now() + self.config.shutdown_grace);
+        }
+    }
+
+    /// Runs one step: sweeps cancelled and expired requests, plans decodes
+    /// first, continues chunked prefills, admits waiting requests in queue
+    /// order within the batch, token and KV limits, runs the backend and
+    /// delivers the results.
+    pub fn step(&mut self) -> StepTrace {
+        self.steps += 1;
+        let mut trace = StepTrace {
+            step: self.steps,
+            ..StepTrace::default()
+        };
+        let now = self.clock.now();
+        self.sweep(now, &mut trace);
+        // `slots[k]` is the index in `active` of plan item `k`; entries
+        // that leave during the step are only marked `gone` until the end,
+        // so these indices stay valid.
+        let (items, slots) = self.plan(now, &mut trace);
+        if !items.is_empty() {
+            let plan = StepPlan { items };
+            self.hot.batch_size.record(plan.items.len() as f64);
+            self.hot.batch_tokens.record(plan.num_tokens() as f64);
+            self.hot.steps.increment(1);
+            self.shared.steps.fetch_add(1, Ordering::Relaxed);
+            match self.backend.step(&plan) {
+                Ok(output) => match check_output(&plan, &output) {
+                    Ok(()) => {
+                        self.shared.consecutive_failures.store(0, Ordering::Relaxed);
+                        self.apply(&plan, &slots, output, &mut trace);
+                    }
+                    Err(message) => self.step_failed(&slots, message, &mut trace),
+                },
+                Err(err) => self.step_failed(&slots, err.to_string(), &mut trace),
+            }
+            trace.items = plan.items;
+        }
+        self.active.retain(|a| !a.gone);
+        self.publish();
+        trace.blocks_used = self.blocks.used();
+        trace.blocks_free = self.blocks.free();
+        trace.running = self.active.len();
+        trace.waiting = self.queue.qsize();
+        trace
+    }
+}
+
+/// An inert request used to move a real one out of a slot.
+fn placeholder(now: Instant) -> Option<BatchRequest> {
+    let (tx, _) = batching_types::event_channel();
+    BatchRequest::new(
+        NewRequest {
+            prompt_tokens: vec![0],
+            max_tokens: 1,
+            ..NewRequest::default()
+        },
+        tx,
+        now,
+    )
+    .ok()
+}
+
+/// The backend must answer every item, in order.
+fn check_output(plan: &StepPlan, output: &StepOutput) -> Result<(), String> {
+    if output.results.len() != plan.items.len()
+        || plan
+            .items
+            .iter()
+            .zip(&output.results)
+            .any(|(item, result)| item.id != result.id)
+    {
+        return Err(format!(
+            "the backend answered {} results for a plan of {} items, or out of order",
+            output.results.len(),
+            plan.items.len()
+        ));
+    }
+    Ok(())
+}
+
+impl<B: Backend, C: Clock + Clone> Drop for Engine<B, C> {
+    /// No client is left hanging: whatever is still queued or running when
+    /// the engine goes away (shutdown, or a panic unwinding the engine
+    /// thread) gets its finish event. The backend is not called here, since
+    /// it may be what panicked.
+    fn drop(&mut self) {
+        let mut left: Vec<BatchRequest> = self.queue.drain();
+        for a in self.active.drain(..) {
+            if !a.gone {
+                left.push(a.req);
+            }
+        }
+        for mut req in left {
+            let reason = if self.shutdown_deadline.is_some() {
+                FinishReason::Cancelled
+            } else {
+                FinishReason::Error
+            };
+            self.finish_request(&mut req, reason, Some("the engine stopped".into()), None);
+        }
+        self.shared.alive.store(false, Ordering::Release);
+        self.publish();
+    }
+}

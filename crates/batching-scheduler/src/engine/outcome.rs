@@ -1,0 +1,230 @@
+//! Applying a step's results: delivering tokens, deciding finishes,
+//! recovering from failed steps, and the one place that finishes a request.
+
+use std::{sync::atomic::Ordering, time::Instant};
+
+use batching_types::{
+    Backend, BatchRequest, Clock, FinishReason, OutputEvent, RequestStatus, SequenceOutcome,
+    StepOutput, StepPlan, Usage, WorkKind,
+};
+
+use super::{placeholder, Engine};
+use crate::{metrics as names, StepTrace};
+
+impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+    /// Delivers the backend's results.
+    pub(super) fn apply(
+        &mut self,
+        plan: &StepPlan,
+        slots: &[usize],
+        output: StepOutput,
+        trace: &mut StepTrace,
+    ) {
+        let now = self.clock.now();
+        for ((item, result), &i) in plan.items.iter().zip(output.results).zip(slots) {
+            if !self.retries.is_empty() {
+                self.retries.remove(&item.id);
+            }
+            match (item.kind, result.outcome) {
+                (WorkKind::Prefill { len }, SequenceOutcome::Pending) => {
+                    let a = &mut self.active[i];
+                    a.prefilled += len;
+                    if a.prefilled >= a.context_len {
+                        self.finish_active(
+                            i,
+                            FinishReason::Error,
+                            Some("the backend finished a prefill without a token".into()),
+                            trace,
+                        );
+                    }
+                }
+                (kind, SequenceOutcome::Token(token)) => {
+                    let a = &mut self.active[i];
+                    if let WorkKind::Prefill { len } = kind {
+                        a.prefilled += len;
+                        if a.prefilled < a.context_len {
+                            self.finish_active(
+                                i,
+                                FinishReason::Error,
+                                Some("the backend sampled a token before the prefill ended".into()),
+                                trace,
+                            );
+                            continue;
+                        }
+                        if a.req.set_status(RequestStatus::Running, now).is_err() {
+                            self.finish_active(
+                                i,
+                                FinishReason::Error,
+                                Some("internal error: could not start decoding".into()),
+                                trace,
+                            );
+                            continue;
+                        }
+                    }
+                    self.deliver(i, token, now, trace);
+                }
+                (WorkKind::Decode, SequenceOutcome::Pending) => {
+                    self.finish_active(
+                        i,
+                        FinishReason::Error,
+                        Some("the backend returned no token for a decode".into()),
+                        trace,
+                    );
+                }
+                (_, SequenceOutcome::Failed(message)) => {
+                    self.finish_active(i, FinishReason::Error, Some(message), trace);
+                }
+            }
+        }
+    }
+
+    /// Sends one token and ends the request if it is done.
+    pub(super) fn deliver(&mut self, i: usize, token: u32, now: Instant, trace: &mut StepTrace) {
+        let a = &mut self.active[i];
+        let index = a.req.generated_tokens.len();
+        a.req.generated_tokens.push(token);
+        let priority = usize::from(a.req.priority.value());
+        if a.req
+            .events
+            .send(OutputEvent::Token { token, index })
+            .is_err()
+        {
+            self.finish_active(
+                i,
+                FinishReason::Cancelled,
+                Some("the client disconnected".into()),
+                trace,
+            );
+            return;
+        }
+        trace.tokens.push((a.req.request_id, token));
+        self.hot.tokens.increment(1);
+        match a.last_token_at {
+            None if index == 0 => {
+                let ttft = now.saturating_duration_since(a.req.created_at);
+                self.hot.ttft[priority].record(ttft.as_secs_f64());
+            }
+            Some(last) => {
+                self.hot.itl[priority].record(now.saturating_duration_since(last).as_secs_f64());
+            }
+            None => {}
+        }
+        a.last_token_at = Some(now);
+        let reason = if a.req.sampling.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if a.req.generated_tokens.len() >= a.req.max_tokens {
+            Some(FinishReason::Length)
+        } else if a.req.effective_tokens() >= self.capacity.max_context {
+            Some(FinishReason::ContextLength)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.finish_active(i, reason, None, trace);
+        }
+    }
+
+    /// A whole step failed: nothing advanced. Each request in it is
+    /// re-queued for recomputation, or fails once it has used its retries.
+    pub(super) fn step_failed(&mut self, slots: &[usize], message: String, trace: &mut StepTrace) {
+        ::metrics::counter!(names::STEP_FAILURES).increment(1);
+        self.shared.step_failures.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed);
+        for &i in slots {
+            let id = self.active[i].req.request_id;
+            let tries = self.retries.entry(id).or_insert(0);
+            *tries += 1;
+            if *tries > self.config.max_step_retries {
+                self.retries.remove(&id);
+                self.finish_active(
+                    i,
+                    FinishReason::Error,
+                    Some(format!("the backend failed: {message}")),
+                    trace,
+                );
+            } else {
+                self.preempt(i, trace);
+            }
+        }
+        trace.failure = Some(message);
+    }
+
+    pub(super) fn finish_active(
+        &mut self,
+        i: usize,
+        reason: FinishReason,
+        message: Option<String>,
+        trace: &mut StepTrace,
+    ) {
+        // A cheap stand-in: the slot is dropped by the next `retain`.
+        let Some(stand_in) = placeholder(self.clock.now()) else {
+            return;
+        };
+        let a = &mut self.active[i];
+        if a.gone {
+            return;
+        }
+        a.gone = true;
+        self.backend.release(a.req.request_id);
+        let mut req = std::mem::replace(&mut a.req, stand_in);
+        self.finish_request(&mut req, reason, message, Some(trace));
+    }
+
+    /// Sends the one finish event, frees blocks and records metrics.
+    pub(super) fn finish_request(
+        &mut self,
+        req: &mut BatchRequest,
+        reason: FinishReason,
+        message: Option<String>,
+        trace: Option<&mut StepTrace>,
+    ) {
+        let now = self.clock.now();
+        if req.started_at.is_none() {
+            self.shared.unreserve();
+        }
+        let to = match reason {
+            FinishReason::Stop | FinishReason::Length | FinishReason::ContextLength => {
+                RequestStatus::Completed
+            }
+            _ => RequestStatus::Cancelled,
+        };
+        // A refused transition cannot happen on these paths; the client
+        // still gets its finish event either way.
+        let _ = req.set_status(to, now);
+        self.blocks.release(&mut req.block_table);
+        if !self.retries.is_empty() {
+            self.retries.remove(&req.request_id);
+        }
+        if reason == FinishReason::Cancelled {
+            ::metrics::counter!(names::CANCELLATIONS).increment(1);
+        }
+        ::metrics::counter!(names::REQUESTS_FINISHED, "reason" => reason.as_str()).increment(1);
+        let _ = req.events.send(OutputEvent::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: req.prompt_tokens.len(),
+                completion_tokens: req.generated_tokens.len(),
+            },
+            message,
+        });
+        if let Some(trace) = trace {
+            trace.finished.push((req.request_id, reason));
+        }
+    }
+
+    pub(super) fn publish(&self) {
+        let s = &self.shared;
+        let running = self.active.len();
+        let waiting = self.queue.qsize();
+        s.running.store(running, Ordering::Relaxed);
+        s.waiting.store(waiting, Ordering::Relaxed);
+        s.blocks_used.store(self.blocks.used(), Ordering::Relaxed);
+        s.blocks_free.store(self.blocks.free(), Ordering::Relaxed);
+        self.hot.running.set(running as f64);
+        self.hot.waiting.set(waiting as f64);
+        self.hot.blocks_used.set(self.blocks.used() as f64);
+        self.hot.blocks_free.set(self.blocks.free() as f64);
+    }
+}
