@@ -28,7 +28,9 @@ pub struct EngineHealth {
     pub kv_blocks_used: usize,
     /// KV blocks free.
     pub kv_blocks_free: usize,
-    /// Steps run (non-empty plans only).
+    /// Steps run (non-empty plans only). It doubles as the loop's
+    /// heartbeat: `steps` not advancing while `running > 0` means the
+    /// backend is stuck in a step.
     pub steps: u64,
     /// Whole steps that failed.
     pub step_failures: u64,
