@@ -43,8 +43,10 @@ pub enum SubmitError {
 /// What `/health` reports about the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct EngineHealth {
-    /// Whether the engine loop is running and taking requests.
+    /// Whether the engine loop is running.
     pub alive: bool,
+    /// Whether a graceful shutdown has begun (no new requests are taken).
+    pub shutting_down: bool,
     /// Requests holding KV blocks (prefilling or decoding).
     pub running: usize,
     /// Requests in the waiting queue.
@@ -61,4 +63,8 @@ pub trait Engine: Send + Sync + 'static {
     fn submit(&self, request: NewRequest) -> Result<EventStream, SubmitError>;
     /// A snapshot of the engine's state.
     fn health(&self) -> EngineHealth;
+    /// The most tokens, prompt plus generated, one request can hold in the
+    /// KV cache; a request without `max_tokens` generates up to this (or
+    /// the model's context, whichever is smaller).
+    fn max_sequence_tokens(&self) -> usize;
 }

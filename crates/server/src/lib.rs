@@ -17,6 +17,7 @@ pub mod generation;
 pub mod openai;
 pub mod prepare;
 pub mod routes;
+pub mod scheduler_engine;
 pub mod sse;
 pub mod stop;
 pub mod telemetry;

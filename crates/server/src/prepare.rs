@@ -75,7 +75,7 @@ pub fn prepare(
             format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
         ));
     }
-    let max_tokens = max_tokens(state, prompt_tokens.len(), params)?;
+    let max_tokens = max_tokens(state, prompt_tokens.len(), prompt_param, params)?;
     let sampling = sampling(state, params)?;
     let priority = priority(params, headers)?;
     let stop = stop_strings(params.stop.as_ref())?;
@@ -109,15 +109,16 @@ pub fn prepare(
 }
 
 /// `max_completion_tokens` (or `max_tokens`), checked against the context;
-/// without either, the rest of the context.
+/// without either, whatever room the context and the KV cache leave.
 fn max_tokens(
     state: &AppState,
     prompt_len: usize,
+    prompt_param: &str,
     params: &CommonParams,
 ) -> Result<usize, ApiError> {
     let context = state.model.max_context();
     if prompt_len >= context {
-        return Err(ApiError::context_length(format!(
+        return Err(ApiError::context_length(prompt_param, format!(
             "This model's maximum context length is {context} tokens. However, your prompt has {prompt_len} tokens, which leaves no room for a completion."
         )));
     }
@@ -127,7 +128,8 @@ fn max_tokens(
         (None, None) => None,
     };
     let Some((name, value)) = requested else {
-        return Ok(context - prompt_len);
+        let room = context.min(state.engine.max_sequence_tokens());
+        return Ok(room.saturating_sub(prompt_len).max(1));
     };
     if value < 1 {
         return Err(ApiError::invalid_param(
@@ -137,7 +139,7 @@ fn max_tokens(
     }
     let value = usize::try_from(value).unwrap_or(usize::MAX);
     if prompt_len.saturating_add(value) > context {
-        return Err(ApiError::context_length(format!(
+        return Err(ApiError::context_length(name, format!(
             "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {value} in the completion). Please reduce the prompt or {name}.",
             prompt_len.saturating_add(value)
         )));

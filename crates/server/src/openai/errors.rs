@@ -90,9 +90,9 @@ impl ApiError {
     }
 
     /// 400: prompt plus `max_tokens` do not fit the model's context.
-    pub fn context_length(message: impl Into<String>) -> Self {
+    pub fn context_length(param: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, INVALID, message)
-            .with_param("messages")
+            .with_param(param)
             .with_code("context_length_exceeded")
     }
 
@@ -192,7 +192,7 @@ impl From<SubmitError> for ApiError {
                 Self::unavailable("The server is shutting down and takes no new requests.")
             }
             SubmitError::Stopped => Self::unavailable("The inference engine is not running."),
-            SubmitError::TooLarge(message) => Self::context_length(message),
+            SubmitError::TooLarge(message) => Self::context_length("max_tokens", message),
             SubmitError::Invalid { param, message } => match param {
                 Some(param) => Self::invalid_param(&param, message),
                 None => Self::bad_json(message),

@@ -17,10 +17,11 @@ pub struct HealthReport {
     pub engine: EngineHealth,
 }
 
-/// 200 while the engine runs, 503 once it has stopped.
+/// 200 while the engine runs and takes requests, 503 once it has stopped
+/// or is shutting down (so that load balancers stop sending work).
 pub async fn handler(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
     let engine = state.engine.health();
-    let (code, status) = if engine.alive {
+    let (code, status) = if engine.alive && !engine.shutting_down {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

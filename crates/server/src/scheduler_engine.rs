@@ -1,0 +1,87 @@
+//! The real [`Engine`]: the continuous-batching scheduler's handle.
+
+use std::time::Duration;
+
+use batching_scheduler::{SchedulerError, SchedulerHandle};
+use batching_types::{NewRequest, TypesError};
+
+use crate::engine::{Engine, EngineHealth, EventStream, SubmitError};
+
+/// How long a client told "queue full" should wait before retrying. One
+/// second is a few dozen decode steps: long enough for some requests to
+/// finish, short enough not to idle the server.
+const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The scheduler behind the [`Engine`] seam.
+#[derive(Debug, Clone)]
+pub struct SchedulerEngine {
+    handle: SchedulerHandle,
+    max_sequence_tokens: usize,
+}
+
+impl SchedulerEngine {
+    /// Wraps `handle`; `max_sequence_tokens` is the most KV tokens one
+    /// request can ever hold (the backend's KV capacity in whole blocks).
+    pub fn new(handle: SchedulerHandle, max_sequence_tokens: usize) -> Self {
+        Self {
+            handle,
+            max_sequence_tokens,
+        }
+    }
+
+    /// The scheduler handle, for shutdown.
+    pub fn handle(&self) -> &SchedulerHandle {
+        &self.handle
+    }
+}
+
+impl Engine for SchedulerEngine {
+    fn submit(&self, request: NewRequest) -> Result<EventStream, SubmitError> {
+        match self.handle.submit(request) {
+            Ok(stream) => Ok(Box::pin(stream)),
+            Err(e) => Err(submit_error(e)),
+        }
+    }
+
+    fn health(&self) -> EngineHealth {
+        let h = self.handle.health();
+        EngineHealth {
+            alive: h.alive,
+            shutting_down: h.shutting_down,
+            running: h.running,
+            waiting: h.pending.max(h.waiting),
+            kv_blocks_used: h.kv_blocks_used,
+            kv_blocks_total: h.kv_blocks_used + h.kv_blocks_free,
+        }
+    }
+
+    fn max_sequence_tokens(&self) -> usize {
+        self.max_sequence_tokens
+    }
+}
+
+/// Maps a refusal of the scheduler onto the seam's vocabulary.
+fn submit_error(e: SchedulerError) -> SubmitError {
+    match e {
+        SchedulerError::QueueFull { .. } => SubmitError::QueueFull {
+            retry_after: QUEUE_FULL_RETRY_AFTER,
+        },
+        SchedulerError::ShuttingDown => SubmitError::ShuttingDown,
+        SchedulerError::PromptTooLong { .. }
+        | SchedulerError::ContextTooLong { .. }
+        | SchedulerError::RequestTooLarge { .. } => SubmitError::TooLarge(e.to_string()),
+        SchedulerError::InvalidRequest(TypesError::InvalidSampling { param, reason }) => {
+            SubmitError::Invalid {
+                param: Some(param.to_owned()),
+                message: reason,
+            }
+        }
+        SchedulerError::InvalidRequest(other) => SubmitError::Invalid {
+            param: None,
+            message: other.to_string(),
+        },
+        SchedulerError::EngineStopped
+        | SchedulerError::Backend(_)
+        | SchedulerError::InvalidConfig(_) => SubmitError::Stopped,
+    }
+}
