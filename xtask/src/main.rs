@@ -4,6 +4,7 @@
 //! that it works wherever cargo does, with no shell-script dialects to keep
 //! in step.
 
+mod bench;
 mod ci;
 mod model;
 mod setup;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Compare mlx-batch with mlx-lm and llama.cpp on the same model.
+    Bench(bench::BenchArgs),
     /// Run every check CI runs, failing fast.
     Ci,
     /// Install MLX and the default model into project-local folders.
@@ -28,6 +31,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
         Command::Setup => setup::run(),
     }

@@ -1,0 +1,689 @@
+//! `cargo xtask bench [--quick]`: mlx-batch side by side with its peers.
+//!
+//! Each server (mlx-batch, Python `mlx-lm`, llama.cpp through
+//! `llama-cpp-python`) is started alone on a loopback port with the same
+//! model, waited on until `/v1/models` answers, measured with the `loadgen`
+//! crate on the same seeded workloads, and killed before the next one starts,
+//! so no two servers ever share the two cores. A server that cannot be
+//! installed or started is reported as not run rather than failing the whole
+//! comparison, because the point is a table of whatever can be measured.
+//!
+//! The environment sets `OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE`, which
+//! halve OpenBLAS GEMM speed here; every server started by this command has
+//! both unset (only in its own environment), and the report says so.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use loadgen::{BenchArgs as LoadArgs, ChartSeries, LengthSpec, RunSummary};
+
+use crate::util::{cargo, run as run_step, workspace_root};
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A small version: fewer requests, lower concurrency, short prompts only.
+    #[arg(long)]
+    quick: bool,
+    /// Servers to measure, comma-separated, from `mlx-batch,mlx-lm,llama-cpp`.
+    #[arg(long, default_value = "mlx-batch,mlx-lm,llama-cpp")]
+    servers: String,
+    /// Where the table and the chart go (default `docs/benchmarks`, or
+    /// `bench-results/quick` with `--quick`).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// The loopback port the servers listen on, one at a time.
+    #[arg(long, default_value_t = 18080)]
+    port: u16,
+    /// Do not install missing peers; skip them instead.
+    #[arg(long)]
+    no_install: bool,
+    /// The longest a server may take to answer `/v1/models`, in seconds.
+    #[arg(long, default_value_t = 600)]
+    ready_timeout_s: u64,
+}
+
+/// The three servers this command knows how to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Server {
+    MlxBatch,
+    MlxLm,
+    LlamaCpp,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Self::MlxBatch => "mlx-batch",
+            Self::MlxLm => "mlx-lm",
+            Self::LlamaCpp => "llama-cpp",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        [Self::MlxBatch, Self::MlxLm, Self::LlamaCpp]
+            .into_iter()
+            .find(|v| v.name() == s.trim())
+            .with_context(|| format!("unknown server {s:?}: want mlx-batch, mlx-lm or llama-cpp"))
+    }
+}
+
+/// One workload: a prompt length and concurrency levels.
+struct Workload {
+    name: &'static str,
+    prompt_tokens: u32,
+    levels: Vec<usize>,
+}
+
+/// The sizes of a run, full or quick.
+struct Plan {
+    max_tokens: u32,
+    workloads: Vec<Workload>,
+    /// Requests per level: `max(min_requests, per_stream * concurrency)`.
+    per_stream: usize,
+    min_requests: usize,
+    probe_concurrency: usize,
+    probe_count: usize,
+    probe_interval_ms: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                max_tokens: 32,
+                workloads: vec![Workload {
+                    name: "short",
+                    prompt_tokens: 32,
+                    levels: vec![1, 8],
+                }],
+                per_stream: 1,
+                min_requests: 3,
+                probe_concurrency: 8,
+                probe_count: 2,
+                probe_interval_ms: 1500,
+            }
+        } else {
+            Self {
+                max_tokens: 64,
+                workloads: vec![
+                    Workload {
+                        name: "short",
+                        prompt_tokens: 32,
+                        levels: vec![1, 8, 32],
+                    },
+                    Workload {
+                        name: "long",
+                        prompt_tokens: 512,
+                        levels: vec![1, 8, 32],
+                    },
+                ],
+                per_stream: 2,
+                min_requests: 4,
+                probe_concurrency: 32,
+                probe_count: 4,
+                probe_interval_ms: 3000,
+            }
+        }
+    }
+
+    fn requests(&self, concurrency: usize) -> usize {
+        (self.per_stream * concurrency).max(self.min_requests)
+    }
+}
+
+/// What was measured for one server.
+struct Measured {
+    /// Summaries by workload name, one per concurrency level.
+    by_workload: BTreeMap<&'static str, Vec<RunSummary>>,
+    /// The HIGH-priority probe level.
+    probe: Option<RunSummary>,
+}
+
+/// Kills the server when dropped, so an error or a panic never leaves one
+/// running.
+struct Running {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("xtask: bench: stopped {}", self.name);
+    }
+}
+
+/// Runs the comparison.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let servers = args
+        .servers
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Server::parse)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out_dir = args.out_dir.clone().unwrap_or_else(|| {
+        if args.quick {
+            root.join("bench-results").join("quick")
+        } else {
+            root.join("docs").join("benchmarks")
+        }
+    });
+    let raw_dir = root.join("bench-results").join("raw");
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    fs::create_dir_all(&raw_dir).with_context(|| format!("creating {}", raw_dir.display()))?;
+    let model_dir = root.join(".models").join("SmolLM2-135M-Instruct");
+    if !model_dir.join("config.json").is_file() {
+        bail!(
+            "no model at {}: run `cargo xtask setup` first",
+            model_dir.display()
+        );
+    }
+    let plan = Plan::new(args.quick);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    eprintln!(
+        "xtask: bench: every server runs with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset \
+         (they halve OpenBLAS GEMM speed on this machine)"
+    );
+
+    let mut measured: BTreeMap<Server, Measured> = BTreeMap::new();
+    let mut skipped: Vec<(Server, String)> = Vec::new();
+    for server in servers {
+        let started = prepare(server, &root, &model_dir, &args)
+            .and_then(|cmd| start(server, cmd, &raw_dir, args.port));
+        let running = match started {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("xtask: bench: skipping {}: {e:#}", server.name());
+                skipped.push((server, format!("{e:#}")));
+                continue;
+            }
+        };
+        let base = format!("http://127.0.0.1:{}", args.port);
+        let result = runtime.block_on(async {
+            let listed =
+                wait_ready(&base, &running, Duration::from_secs(args.ready_timeout_s)).await?;
+            // mlx-lm lists every model in the Hugging Face cache, and a name
+            // it does not know makes it load another model: send none, which
+            // it maps to the one it was started with.
+            let model = if server == Server::MlxLm {
+                None
+            } else {
+                listed
+            };
+            measure(server, &base, model, &plan, &raw_dir).await
+        });
+        drop(running);
+        match result {
+            Ok(m) => {
+                measured.insert(server, m);
+            }
+            Err(e) => {
+                eprintln!("xtask: bench: {} failed: {e:#}", server.name());
+                skipped.push((server, format!("{e:#}")));
+            }
+        }
+    }
+    write_report(&out_dir, &plan, args.quick, &measured, &skipped)
+}
+
+/// Finds the GGUF that setup extracted under `.models/download`.
+fn find_gguf(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root.join(".models").join("download");
+    let mut found: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    found.sort();
+    found
+        .into_iter()
+        .next()
+        .with_context(|| format!("no .gguf in {}: run `cargo xtask setup`", dir.display()))
+}
+
+/// Whether a Python package is importable from `dir`.
+fn has_package(dir: &Path, package: &str) -> bool {
+    dir.join(package).join("__init__.py").is_file()
+}
+
+/// Installs `requirements` into `dir` with `pip install --target` unless
+/// `package` is already there.
+fn ensure_pip(
+    dir: &Path,
+    package: &str,
+    requirements: &[&str],
+    no_install: bool,
+) -> anyhow::Result<()> {
+    if has_package(dir, package) {
+        return Ok(());
+    }
+    if no_install {
+        bail!(
+            "{package} is not installed in {} (--no-install)",
+            dir.display()
+        );
+    }
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(dir)
+        .args(requirements)
+        .env("CMAKE_BUILD_PARALLEL_LEVEL", "2");
+    run_step(&format!("installing {package}"), &mut cmd)
+}
+
+/// Builds or installs what `server` needs and returns its command line.
+fn prepare(
+    server: Server,
+    root: &Path,
+    model_dir: &Path,
+    args: &BenchArgs,
+) -> anyhow::Result<Command> {
+    let port = args.port.to_string();
+    let mut cmd = match server {
+        Server::MlxBatch => {
+            run_step(
+                "building mlx-batch (release)",
+                cargo().args([
+                    "build",
+                    "--release",
+                    "--package",
+                    "server",
+                    "--bin",
+                    "mlx-batch",
+                ]),
+            )?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let mut cmd = Command::new(target.join("release").join("mlx-batch"));
+            cmd.arg("serve").arg("--model").arg(model_dir).args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+            ]);
+            cmd
+        }
+        Server::MlxLm => {
+            let dir = root.join(".mlx").join("python");
+            ensure_pip(
+                &dir,
+                "mlx_lm",
+                &["mlx-lm[cpu]==0.32.2", "mlx==0.32.2", "mlx-cpu==0.32.2"],
+                args.no_install,
+            )?;
+            let mut cmd = Command::new("python3");
+            cmd.args(["-m", "mlx_lm.server", "--model"])
+                .arg(model_dir)
+                .args(["--host", "127.0.0.1", "--port", &port])
+                .env("PYTHONPATH", &dir);
+            // mlx-lm on the CPU wheel batches only through OpenBLAS (see the
+            // project facts); preload it when the system has it, as our
+            // binary links it.
+            if let Some(blas) = openblas() {
+                cmd.env("LD_PRELOAD", blas);
+            }
+            cmd
+        }
+        Server::LlamaCpp => {
+            let dir = root.join(".mlx").join("llamacpp");
+            ensure_pip(
+                &dir,
+                "llama_cpp",
+                &["llama-cpp-python[server]==0.3.36"],
+                args.no_install,
+            )?;
+            let gguf = find_gguf(root)?;
+            let mut cmd = Command::new("python3");
+            cmd.args(["-m", "llama_cpp.server", "--model"])
+                .arg(gguf)
+                .args([
+                    "--n_threads",
+                    "2",
+                    "--n_ctx",
+                    "4096",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port,
+                ])
+                .env("PYTHONPATH", &dir);
+            cmd
+        }
+    };
+    cmd.env_remove("OPENBLAS_CORETYPE")
+        .env_remove("OPENBLAS_L2_SIZE");
+    Ok(cmd)
+}
+
+/// Debian's OpenBLAS, when installed.
+fn openblas() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Starts `cmd`, its output going to a log file beside the raw results.
+fn start(server: Server, mut cmd: Command, raw_dir: &Path, port: u16) -> anyhow::Result<Running> {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        bail!("port {port} is already in use");
+    }
+    let log_path = raw_dir.join(format!("{}.log", server.name()));
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let err = log.try_clone().context("duplicating the log handle")?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+    eprintln!(
+        "xtask: bench: starting {}: {cmd:?} (log: {})",
+        server.name(),
+        log_path.display()
+    );
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", server.name()))?;
+    Ok(Running {
+        child,
+        name: server.name(),
+    })
+}
+
+/// Polls `GET /v1/models` until it answers 200, the server exits, or time
+/// runs out; returns the first model id it lists, if any.
+async fn wait_ready(
+    base: &str,
+    running: &Running,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    let http = loadgen::http_client()?;
+    let url = format!("{base}/v1/models");
+    let start = Instant::now();
+    let pid = running.child.id();
+    loop {
+        if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(5)).send().await {
+            if resp.status().is_success() {
+                eprintln!(
+                    "xtask: bench: {} ready after {:.1} s",
+                    running.name,
+                    start.elapsed().as_secs_f64()
+                );
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                let id = body["data"][0]["id"].as_str().map(str::to_owned);
+                return Ok(id);
+            }
+        }
+        // `/proc/PID` disappears once the child has exited and been reaped;
+        // a zombie still has it, so also look at its state.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            bail!("{} exited before it was ready (see its log)", running.name);
+        }
+        if start.elapsed() > timeout {
+            bail!("{} not ready after {timeout:?}", running.name);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs every workload and the probe against one ready server.
+async fn measure(
+    server: Server,
+    base: &str,
+    model: Option<String>,
+    plan: &Plan,
+    raw_dir: &Path,
+) -> anyhow::Result<Measured> {
+    let base_args = LoadArgs {
+        url: base.to_owned(),
+        model,
+        max_tokens: LengthSpec::fixed(plan.max_tokens),
+        request_timeout_s: 600.0,
+        max_duration_s: 900.0,
+        no_progress: false,
+        seed: 7,
+        ..LoadArgs::default()
+    };
+    // Warm-up: the first requests of a fresh server pay for lazy loading.
+    let warm = LoadArgs {
+        concurrency: Some("1".to_owned()),
+        requests: 2,
+        prompt_tokens: LengthSpec::fixed(32),
+        no_progress: true,
+        ..base_args.clone()
+    };
+    loadgen::run_report(&warm, "warmup").await?;
+
+    let mut by_workload = BTreeMap::new();
+    for w in &plan.workloads {
+        let mut runs = Vec::new();
+        for &c in &w.levels {
+            let args = LoadArgs {
+                concurrency: Some(c.to_string()),
+                requests: plan.requests(c),
+                prompt_tokens: LengthSpec::fixed(w.prompt_tokens),
+                ..base_args.clone()
+            };
+            let report =
+                loadgen::run_report(&args, &format!("{} {}", server.name(), w.name)).await?;
+            report.write_json(&raw_dir.join(format!("{}-{}-c{c}.json", server.name(), w.name)))?;
+            let summary = report.summary();
+            println!("{}", loadgen::render_table(&summary));
+            runs.extend(summary.runs);
+        }
+        by_workload.insert(w.name, runs);
+    }
+    let args = LoadArgs {
+        concurrency: Some(plan.probe_concurrency.to_string()),
+        requests: plan.requests(plan.probe_concurrency),
+        prompt_tokens: LengthSpec::fixed(32),
+        priority_mix: Some("normal=0.5,low=0.5".parse()?),
+        probe_high: plan.probe_count,
+        probe_interval_ms: plan.probe_interval_ms,
+        ..base_args.clone()
+    };
+    let report = loadgen::run_report(&args, &format!("{} probe", server.name())).await?;
+    report.write_json(&raw_dir.join(format!("{}-probe.json", server.name())))?;
+    let summary = report.summary();
+    println!("{}", loadgen::render_table(&summary));
+    Ok(Measured {
+        by_workload,
+        probe: summary.runs.into_iter().next(),
+    })
+}
+
+fn ms(p: Option<&loadgen::Percentiles>, f: fn(&loadgen::Percentiles) -> f64) -> String {
+    p.map_or_else(|| "-".to_owned(), |p| format!("{:.0}", f(p)))
+}
+
+fn ratio(ours: Option<f64>, peer: Option<f64>) -> String {
+    match (ours, peer) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Machine facts for the report.
+fn machine_info() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores (nproc), CPU: {cpu}")
+}
+
+/// Writes `README.md` and `comparison.png` into `out_dir`.
+fn write_report(
+    out_dir: &Path,
+    plan: &Plan,
+    quick: bool,
+    measured: &BTreeMap<Server, Measured>,
+    skipped: &[(Server, String)],
+) -> anyhow::Result<()> {
+    let mut md = String::new();
+    let commit = crate::util::output(
+        "git commit",
+        Command::new("git").args(["rev-parse", "--short", "HEAD"]),
+    )
+    .map(|s| s.trim().to_owned())
+    .unwrap_or_else(|_| "unknown".to_owned());
+    let _ = writeln!(md, "# mlx-batch side by side\n");
+    let _ = writeln!(
+        md,
+        "Made by `cargo xtask bench{}` at commit `{commit}`. Machine: {}.\n",
+        if quick { " --quick" } else { "" },
+        machine_info()
+    );
+    let _ = writeln!(
+        md,
+        "Same model for all: SmolLM2-135M-Instruct (mlx-batch and mlx-lm load the folder made by \
+         `cargo xtask setup`; llama.cpp loads the original Q4_1 GGUF). Greedy (temperature 0), \
+         streaming, `max_tokens` {}, prompts of a fixed length built from a seeded word list. \
+         Every server ran alone, with `OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE` unset in its own \
+         environment; mlx-lm ran with Debian's OpenBLAS preloaded when present. Latencies in ms, \
+         measured on the client.\n",
+        plan.max_tokens
+    );
+    for (server, why) in skipped {
+        let first = why.lines().next().unwrap_or("");
+        let _ = writeln!(md, "- **{} not measured**: {first}", server.name());
+    }
+    if !skipped.is_empty() {
+        md.push('\n');
+    }
+    let ours = measured.get(&Server::MlxBatch);
+    for w in &plan.workloads {
+        let _ = writeln!(md, "## {} prompts ({} tokens)\n", w.name, w.prompt_tokens);
+        let _ = writeln!(
+            md,
+            "| concurrency | server | ok/failed | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p99 | tok/s ours/peer | p99 TTFT ours/peer |"
+        );
+        let _ = writeln!(
+            md,
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (i, &c) in w.levels.iter().enumerate() {
+            let our_run = ours
+                .and_then(|m| m.by_workload.get(w.name))
+                .and_then(|r| r.get(i));
+            for (server, m) in measured {
+                let Some(run) = m.by_workload.get(w.name).and_then(|r| r.get(i)) else {
+                    continue;
+                };
+                let (tok_ratio, ttft_ratio) = if *server == Server::MlxBatch {
+                    ("1".to_owned(), "1".to_owned())
+                } else {
+                    (
+                        ratio(
+                            our_run.map(|r| r.output_tokens_per_s),
+                            Some(run.output_tokens_per_s),
+                        ),
+                        ratio(
+                            our_run.and_then(|r| r.all.ttft_ms.map(|p| p.p99)),
+                            run.all.ttft_ms.map(|p| p.p99),
+                        ),
+                    )
+                };
+                let a = &run.all;
+                let _ = writeln!(
+                    md,
+                    "| {c} | {} | {}/{} | {:.1} | {} | {} | {} | {} | {} | {tok_ratio} | {ttft_ratio} |",
+                    server.name(),
+                    a.requests - a.failed,
+                    a.failed,
+                    run.output_tokens_per_s,
+                    ms(a.ttft_ms.as_ref(), |p| p.p50),
+                    ms(a.ttft_ms.as_ref(), |p| p.p99),
+                    ms(a.itl_ms.as_ref(), |p| p.p50),
+                    ms(a.itl_ms.as_ref(), |p| p.p99),
+                    ms(a.e2e_ms.as_ref(), |p| p.p99),
+                );
+            }
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "## HIGH-priority probe\n\nA load of concurrency {} (NORMAL and LOW, 32-token prompts) with {} HIGH requests \
+         sent one at a time on top ({} ms apart). Peers ignore `priority`, so for them the probe is an ordinary request.\n",
+        plan.probe_concurrency, plan.probe_count, plan.probe_interval_ms
+    );
+    let _ = writeln!(md, "| server | load p99 TTFT (any request) | HIGH probes ok | HIGH p50 TTFT | HIGH p99 TTFT | out tok/s |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for (server, m) in measured {
+        let Some(run) = &m.probe else { continue };
+        let probe = run.probe.as_ref();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.1} |",
+            server.name(),
+            ms(run.all.ttft_ms.as_ref(), |p| p.p99),
+            probe.map_or_else(
+                || "0/0".to_owned(),
+                |g| format!("{}/{}", g.requests - g.failed, g.requests)
+            ),
+            ms(probe.and_then(|g| g.ttft_ms.as_ref()), |p| p.p50),
+            ms(probe.and_then(|g| g.ttft_ms.as_ref()), |p| p.p99),
+            run.output_tokens_per_s,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n![throughput and latency against concurrency](comparison.png)\n\n\
+         Rerun: `cargo xtask setup && cargo xtask bench` (about 15-25 minutes on 2 cores; \
+         `--quick` for a few minutes, written to `bench-results/quick/`; `--servers mlx-lm` for one server). \
+         Peers are installed on first use into `.mlx/python` (mlx-lm) and `.mlx/llamacpp` \
+         (llama-cpp-python, built from source, several minutes). Raw per-request JSON and server logs \
+         go to `bench-results/raw/`."
+    );
+    let readme = out_dir.join("README.md");
+    fs::write(&readme, md).with_context(|| format!("writing {}", readme.display()))?;
+
+    let series: Vec<ChartSeries> = measured
+        .iter()
+        .filter_map(|(server, m)| {
+            let runs = m.by_workload.get("short")?.clone();
+            Some(ChartSeries {
+                name: server.name().to_owned(),
+                runs,
+            })
+        })
+        .collect();
+    let chart = out_dir.join("comparison.png");
+    if !series.is_empty() {
+        loadgen::draw_chart(
+            &chart,
+            "short prompts: servers side by side",
+            "concurrency",
+            &series,
+        )?;
+    }
+    eprintln!(
+        "xtask: bench: wrote {} and {}",
+        readme.display(),
+        chart.display()
+    );
+    Ok(())
+}
