@@ -94,6 +94,9 @@ pub struct MlxBackend {
     sequences: HashMap<RequestId, Sequence>,
     capacity: BackendCapacity,
     info: ModelInfo,
+    /// The last step's logits (`[samples, vocab]`, f32, evaluated) and the
+    /// row of each sequence that sampled, kept for inspection and tests.
+    last_logits: Option<(mlx_rs::Array, HashMap<RequestId, usize>)>,
 }
 
 impl std::fmt::Debug for MlxBackend {
@@ -150,7 +153,17 @@ impl MlxBackend {
             sequences: HashMap::new(),
             capacity,
             info,
+            last_logits: None,
         })
+    }
+
+    /// The logits (f32, over the vocabulary) from which the last step
+    /// sampled `id`'s token, if it sampled one.
+    pub fn last_logits(&self, id: RequestId) -> Option<&[f32]> {
+        let (logits, rows) = self.last_logits.as_ref()?;
+        let row = *rows.get(&id)?;
+        let vocab = logits.dim(1) as usize;
+        logits.as_slice::<f32>().get(row * vocab..(row + 1) * vocab)
     }
 
     /// The model's name, architecture and limits.
@@ -321,41 +334,43 @@ impl Backend for MlxBackend {
             }
         }
 
+        self.last_logits = None;
         let logits = self.model.forward(&batch, &mut self.cache)?;
-        let host: Vec<f32> = match &logits {
-            Some(l) => {
-                mlx_rs::transforms::eval([l])?;
-                l.as_slice::<f32>().to_vec()
-            }
-            None => {
-                mlx_rs::transforms::eval(self.cache.all_arrays())?;
-                Vec::new()
-            }
-        };
+        match &logits {
+            Some(l) => mlx_rs::transforms::eval([l])?,
+            None => mlx_rs::transforms::eval(self.cache.all_arrays())?,
+        }
+        let empty: &[f32] = &[];
+        let host = logits.as_ref().map_or(empty, |l| l.as_slice::<f32>());
         let vocab = logits.as_ref().map_or(0, |l| l.dim(1) as usize);
 
+        let mut rows = HashMap::new();
         let mut results = Vec::with_capacity(plan.items.len());
         for (item, p) in plan.items.iter().zip(planned) {
             let outcome = match p {
                 Planned::Failed(message) => SequenceOutcome::Failed(message),
                 Planned::Pending => {
-                    self.advance_prefill(item.id, item.kind);
+                    self.advance(item.id, item.kind);
                     SequenceOutcome::Pending
                 }
                 Planned::Sample(row, position) => {
-                    let Some(seq) = self.sequences.get(&item.id) else {
+                    let Some(row_logits) = host.get(row * vocab..(row + 1) * vocab) else {
+                        return Err(BackendError::Sequence(format!(
+                            "{}: no logits row {row}",
+                            item.id
+                        )));
+                    };
+                    let Some(seq) = self.sequences.get_mut(&item.id) else {
                         results.push(SequenceResult {
                             id: item.id,
-                            outcome: SequenceOutcome::Failed("vanished".into()),
+                            outcome: SequenceOutcome::Failed("released during the step".into()),
                         });
                         continue;
                     };
-                    let row_logits = &host[row * vocab..(row + 1) * vocab];
                     let token = sampling::sample(row_logits, &seq.sampling, seq.seed, position);
-                    self.advance_prefill(item.id, item.kind);
-                    if let Some(seq) = self.sequences.get_mut(&item.id) {
-                        seq.last = Some(token);
-                    }
+                    seq.last = Some(token);
+                    rows.insert(item.id, row);
+                    self.advance(item.id, item.kind);
                     SequenceOutcome::Token(token)
                 }
             };
@@ -364,6 +379,7 @@ impl Backend for MlxBackend {
                 outcome,
             });
         }
+        self.last_logits = logits.map(|l| (l, rows));
         Ok(StepOutput { results })
     }
 
@@ -376,7 +392,7 @@ impl Backend for MlxBackend {
 
 impl MlxBackend {
     /// Records what a successful item wrote into the cache.
-    fn advance_prefill(&mut self, id: RequestId, kind: WorkKind) {
+    fn advance(&mut self, id: RequestId, kind: WorkKind) {
         let Some(seq) = self.sequences.get_mut(&id) else {
             return;
         };

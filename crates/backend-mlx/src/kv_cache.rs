@@ -52,7 +52,7 @@ pub struct KvCache {
     dtype: Dtype,
     rows: usize,
     cols: usize,
-    /// Per layer: keys and values, flat `[rows * kv_heads * cols, 1,
+    /// Per layer: keys and values, flat `[rows * kv_heads * cols,
     /// head_dim]`, or nothing while the cache is empty.
     arrays: Vec<(Array, Array)>,
     /// Tokens written in each row; `None` for a free row.
@@ -150,7 +150,7 @@ impl KvCache {
         let new_rows = need_rows.max(self.rows).div_ceil(ROW_CHUNK) * ROW_CHUNK;
         let new_cols = cols.max(self.cols).max(1).div_ceil(COL_CHUNK) * COL_CHUNK;
         let (h, d) = (self.layout.kv_heads as i32, self.layout.head_dim as i32);
-        let flat = [(new_rows as i32) * h * (new_cols as i32), 1, d];
+        let flat = [(new_rows as i32) * h * (new_cols as i32), d];
         let mut arrays = Vec::with_capacity(self.layout.layers);
         for layer in 0..self.layout.layers {
             let grow = |old: Option<&Array>| -> mlx_rs::error::Result<Array> {
@@ -247,7 +247,7 @@ mod tests {
         let mut data = vec![0f32; (n * 4) as usize];
         let slot = c.slot(row, 2) as usize;
         data[slot * 4..slot * 4 + 4].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
-        let filled = Array::from_slice(&data, &[n, 1, 4]);
+        let filled = Array::from_slice(&data, &[n, 4]);
         c.set_layer(0, filled.clone(), filled);
         for _ in 0..5 {
             c.acquire_row();
