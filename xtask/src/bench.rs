@@ -145,6 +145,9 @@ struct Measured {
     by_workload: BTreeMap<&'static str, Vec<RunSummary>>,
     /// The HIGH-priority probe level.
     probe: Option<RunSummary>,
+    /// `/proc/loadavg` when the measurement started: other work on the
+    /// machine skews every number, so the report shows it.
+    load_before: String,
 }
 
 /// Kills the server when dropped, so an error or a panic never leaves one
@@ -469,6 +472,9 @@ async fn measure(
         ..base_args.clone()
     };
     loadgen::run_report(&warm, "warmup").await?;
+    let load_before = fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned());
 
     let mut by_workload = BTreeMap::new();
     for w in &plan.workloads {
@@ -505,6 +511,7 @@ async fn measure(
     Ok(Measured {
         by_workload,
         probe: summary.runs.into_iter().next(),
+        load_before,
     })
 }
 
@@ -566,13 +573,20 @@ fn write_report(
          measured on the client.\n",
         plan.max_tokens
     );
+    for (server, m) in measured {
+        let _ = writeln!(
+            md,
+            "- {}: load average before its runs {} (on {} cores; well above the core count means other work skewed the numbers)",
+            server.name(),
+            m.load_before,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
     for (server, why) in skipped {
         let first = why.lines().next().unwrap_or("");
         let _ = writeln!(md, "- **{} not measured**: {first}", server.name());
     }
-    if !skipped.is_empty() {
-        md.push('\n');
-    }
+    md.push('\n');
     let ours = measured.get(&Server::MlxBatch);
     for w in &plan.workloads {
         let _ = writeln!(md, "## {} prompts ({} tokens)\n", w.name, w.prompt_tokens);
@@ -627,7 +641,7 @@ fn write_report(
     let _ = writeln!(
         md,
         "## HIGH-priority probe\n\nA load of concurrency {} (NORMAL and LOW, 32-token prompts) with {} HIGH requests \
-         sent one at a time on top ({} ms apart). Peers ignore `priority`, so for them the probe is an ordinary request.\n",
+         started on top, one every {} ms. Peers ignore `priority`, so for them the probe is an ordinary request.\n",
         plan.probe_concurrency, plan.probe_count, plan.probe_interval_ms
     );
     let _ = writeln!(md, "| server | load p99 TTFT (any request) | HIGH probes ok | HIGH p50 TTFT | HIGH p99 TTFT | out tok/s |");
@@ -648,6 +662,25 @@ fn write_report(
             ms(probe.and_then(|g| g.ttft_ms.as_ref()), |p| p.p99),
             run.output_tokens_per_s,
         );
+    }
+    let probe_p99 = |m: &Measured| {
+        m.probe
+            .as_ref()
+            .and_then(|r| r.probe.as_ref())
+            .and_then(|g| g.ttft_ms.map(|p| p.p99))
+    };
+    let any_p99 = |m: &Measured| m.probe.as_ref().and_then(|r| r.all.ttft_ms.map(|p| p.p99));
+    if let Some(ours) = ours.and_then(probe_p99) {
+        for (server, m) in measured.iter().filter(|(s, _)| **s != Server::MlxBatch) {
+            if let Some(peer) = any_p99(m) {
+                let _ = writeln!(
+                    md,
+                    "\nmlx-batch HIGH p99 TTFT {ours:.0} ms vs {} p99 TTFT for any request {peer:.0} ms: ratio {:.2}.",
+                    server.name(),
+                    ours / peer
+                );
+            }
+        }
     }
     let _ = writeln!(
         md,

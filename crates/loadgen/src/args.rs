@@ -41,10 +41,10 @@ pub struct BenchArgs {
     /// no `priority` field is sent.
     #[arg(long)]
     pub priority_mix: Option<PriorityMix>,
-    /// HIGH-priority probe requests to send, one at a time, on top of each level.
+    /// HIGH-priority probe requests to send on a timer, on top of each level.
     #[arg(long, default_value_t = 0)]
     pub probe_high: usize,
-    /// Pause before each probe, in milliseconds.
+    /// Milliseconds between probes (the first waits this long too).
     #[arg(long, default_value_t = 2000)]
     pub probe_interval_ms: u64,
     /// Requests sent one at a time before the first level and not measured.

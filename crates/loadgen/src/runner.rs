@@ -27,12 +27,13 @@ pub enum LoadMode {
     Rate(f64),
 }
 
-/// HIGH-priority requests sent one at a time while the load runs.
+/// HIGH-priority requests sent on a timer while the load runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ProbeConfig {
     /// How many to send.
     pub count: usize,
-    /// The pause before each one (the first waits too, so the load is up).
+    /// The time between probes; probe `i` (from 0) starts `(i + 1) * interval`
+    /// after the load, so the load is up before the first.
     pub interval: Duration,
 }
 
@@ -109,19 +110,32 @@ pub async fn run_level(http: &reqwest::Client, cfg: &LevelConfig) -> LevelReport
         load_done.store(true, Ordering::SeqCst);
         records
     };
+    // Probes start on a timer, each on its own, so a slow probe does not
+    // delay the next one; a probe whose time comes after the load ended is
+    // not sent.
     let probe = async {
-        let mut out = Vec::new();
-        let Some(p) = cfg.probe else { return out };
-        for spec in &probes {
-            tokio::time::sleep(p.interval).await;
-            if load_done.load(Ordering::SeqCst) || Instant::now() >= end {
-                break;
+        let Some(p) = cfg.probe else {
+            return Vec::new();
+        };
+        let sends = probes.iter().enumerate().map(|(i, spec)| {
+            let load_done = &load_done;
+            let bar = &bar;
+            async move {
+                tokio::time::sleep(p.interval * (i as u32 + 1)).await;
+                if load_done.load(Ordering::SeqCst) || Instant::now() >= end {
+                    return None;
+                }
+                let deadline = (Instant::now() + cfg.request_timeout).min(end);
+                let rec = client::send(http, &cfg.target, spec, start, deadline).await;
+                bar.inc(1);
+                Some(rec)
             }
-            let deadline = (Instant::now() + cfg.request_timeout).min(end);
-            out.push(client::send(http, &cfg.target, spec, start, deadline).await);
-            bar.inc(1);
-        }
-        out
+        });
+        futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
     };
     let (mut records, probe_records) = futures::join!(load, probe);
     let duration_s = start.elapsed().as_secs_f64();
