@@ -165,3 +165,67 @@ impl BenchArgs {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench)
+    }
+
+    #[test]
+    fn defaults_match_the_default_impl() {
+        assert_eq!(parse(&[]).unwrap(), BenchArgs::default());
+    }
+
+    #[test]
+    fn sweep_and_distributions_parse() {
+        let a = parse(&[
+            "--concurrency",
+            "1,8,32",
+            "--prompt-tokens",
+            "32..256",
+            "--priority-mix",
+            "high=0.1,normal=0.6,low=0.3",
+            "--endpoint",
+            "completions",
+        ])
+        .unwrap();
+        let levels = a.levels("").unwrap();
+        let modes: Vec<LoadMode> = levels.iter().map(|l| l.mode).collect();
+        assert_eq!(modes, [1, 8, 32].map(LoadMode::Concurrency).to_vec());
+        assert_eq!(a.prompt_tokens, LengthSpec { min: 32, max: 256 });
+        assert_eq!(a.endpoint, Endpoint::Completions);
+        assert_eq!(a.priority_mix.unwrap().weights.len(), 3);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["--rate", "2", "--concurrency", "4"]).is_err());
+        assert!(parse(&["--prompt-tokens", "0"]).is_err());
+        assert!(parse(&["--priority-mix", "urgent=1"]).is_err());
+        let bad_level = parse(&["--concurrency", "0"]).unwrap();
+        assert!(bad_level.levels("").is_err());
+        let bad_rate = parse(&["--rate=-1"]).unwrap();
+        assert!(bad_rate.levels("").is_err());
+        let bad_url = parse(&["--url", "127.0.0.1:8080"]).unwrap();
+        assert!(bad_url.levels("").is_err());
+        let zero_timeout = parse(&["--request-timeout-s", "0"]).unwrap();
+        assert!(zero_timeout.levels("").is_err());
+        let rates = parse(&["--rate", "0.5,2"]).unwrap();
+        assert_eq!(
+            rates.modes().unwrap(),
+            vec![LoadMode::Rate(0.5), LoadMode::Rate(2.0)]
+        );
+    }
+}
