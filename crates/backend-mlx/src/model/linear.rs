@@ -142,7 +142,8 @@ impl Linear {
         }
     }
 
-    fn output_dtype(&self) -> mlx_rs::Dtype {
+    /// The dtype of `forward`'s result for an input of the same dtype.
+    pub(crate) fn output_dtype(&self) -> mlx_rs::Dtype {
         match self {
             Linear::Dense { weight, .. } => weight.dtype(),
             Linear::Quantized { scales, .. } => scales.dtype(),

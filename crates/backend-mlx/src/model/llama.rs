@@ -139,8 +139,17 @@ impl LlamaModel {
             Some(store.linear(c, "lm_head", hidden, c.vocab_size as i32, false)?)
         };
         let (rope_freqs, rope_scale) = rope_setup(c);
+        // Activations follow MLX's type promotion through embedding, norm
+        // and projection; with weights as stored this is what mlx-lm gets
+        // (for an f16-scaled 4-bit model with f32 norms: f32).
+        let promote = Dtype::from_promoting_types;
+        let first = blocks.first();
+        let mut act = embed.table.output_dtype();
+        if let Some(b) = first {
+            act = promote(promote(act, b.input_norm.dtype()), b.qkv.output_dtype());
+        }
         let model = Self {
-            dtype: store.compute_dtype,
+            dtype: act,
             config,
             embed,
             blocks,
@@ -244,9 +253,6 @@ impl LlamaModel {
 
         let ids = Array::from_slice(&batch.tokens, &[t as i32]);
         let mut h = self.embed.lookup(&ids)?;
-        if h.dtype() != self.dtype {
-            h = h.as_dtype(self.dtype)?;
-        }
         let scale = (c.head_dim as f32).powf(-0.5);
         for (layer, block) in self.blocks.iter().enumerate() {
             let x = fast::rms_norm(&h, Some(&block.input_norm), c.rms_norm_eps)?;

@@ -61,7 +61,8 @@ pub(crate) struct WeightStore {
     files: Vec<PathBuf>,
     dir: PathBuf,
     dtype: ModelDType,
-    /// The activation dtype: the float dtype of the non-quantized weights.
+    /// The dtype floats are cast to; for `Native`, a placeholder (the model
+    /// derives its activation dtype from the weights it got).
     pub(crate) compute_dtype: Dtype,
 }
 
@@ -95,10 +96,7 @@ impl WeightStore {
                 tensors.insert(name, (array, i));
             }
         }
-        let compute_dtype = match dtype.float() {
-            Some(d) => d,
-            None => native_compute_dtype(&tensors),
-        };
+        let compute_dtype = dtype.float().unwrap_or(Dtype::Float32);
         Ok(Self {
             tensors,
             files,
@@ -154,8 +152,10 @@ impl WeightStore {
         self.cast(name, array)
     }
 
+    /// Casts to the requested float dtype; `Native` keeps every tensor as
+    /// stored and lets MLX's type promotion decide, exactly as mlx-lm does.
     fn cast(&self, name: &str, array: Array) -> Result<Array, BackendError> {
-        if array.dtype() == self.compute_dtype {
+        if self.dtype == ModelDType::Native || array.dtype() == self.compute_dtype {
             return Ok(array);
         }
         array
@@ -229,7 +229,14 @@ impl WeightStore {
         match self.dtype.float() {
             // Dequantize once at load: on a CPU only f32 matmul batches.
             Some(dtype) => {
-                let dense = ops::dequantize(&weight, &scales, &biases, spec.group_size, spec.bits)
+                // Dequantize in f32, as MLX's quantized kernels compute,
+                // and only then round to the target dtype.
+                let f32_of = |a: &Array| a.as_dtype(Dtype::Float32);
+                let dense = f32_of(&scales)
+                    .and_then(|s| Ok((s, f32_of(&biases)?)))
+                    .and_then(|(s, b)| {
+                        ops::dequantize(&weight, &s, &b, spec.group_size, spec.bits)
+                    })
                     .and_then(|w| w.as_dtype(dtype))
                     .map_err(|e| self.error(&weight_name, e.to_string()))?;
                 Ok(Linear::Dense {
@@ -262,17 +269,4 @@ impl WeightStore {
         )?;
         Ok(Embedding { table })
     }
-}
-
-/// The dtype that activations use when weights stay as stored: the dtype of
-/// the first float weight (norms are always float), f32 if none.
-fn native_compute_dtype(tensors: &HashMap<String, (Array, usize)>) -> Dtype {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    names
-        .into_iter()
-        .filter(|n| n.ends_with("norm.weight") || n.ends_with(".scales"))
-        .filter_map(|n| tensors.get(n).map(|(a, _)| a.dtype()))
-        .find(|d| d.is_float())
-        .unwrap_or(Dtype::Float32)
 }
