@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod support;
+
+use gguf_import::gguf::GgufFile;
 use gguf_import::{import_gguf, ImportConfig};
+use safetensors::SafeTensors;
 use serde_json::Value;
 
 /// Texts covering spaces, digits, punctuation, scripts, emoji and the
@@ -102,6 +106,75 @@ fn real_model_config_matches_the_published_facts() {
         c["quantization"],
         serde_json::json!({"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}})
     );
+}
+
+/// Dequantizes real tensors from the GGUF with llama.cpp's formulas (in
+/// `support`), undoes the q/k permutation, and compares with MLX's formula
+/// applied to the imported weights: every value must be identical.
+#[test]
+fn real_model_weights_match_llama_cpp_exactly() {
+    let Some((gguf, dir)) = imported() else {
+        return;
+    };
+    let file = GgufFile::open(&gguf).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let cases = [
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj",
+            Some(9),
+            4,
+        ),
+        (
+            "blk.29.attn_k.weight",
+            "model.layers.29.self_attn.k_proj",
+            Some(3),
+            4,
+        ),
+        (
+            "blk.7.ffn_down.weight",
+            "model.layers.7.mlp.down_proj",
+            None,
+            4,
+        ),
+        ("token_embd.weight", "model.embed_tokens", None, 8),
+    ];
+    for (gguf_name, module, heads, bits) in cases {
+        let info = file.tensor(gguf_name).unwrap();
+        let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+        let data = file.tensor_data(info).unwrap();
+        let block = if bits == 4 { 20 } else { 34 };
+        let stored: Vec<f32> = data
+            .chunks_exact(block)
+            .flat_map(|b| {
+                if bits == 4 {
+                    support::ref_q4_1(b)
+                } else {
+                    support::ref_q8_0(b)
+                }
+            })
+            .collect();
+        let mut expected = vec![0.0f32; rows * cols];
+        let order: Vec<usize> = match heads {
+            Some(h) => support::llama_cpp_permutation(rows, h),
+            None => (0..rows).collect(),
+        };
+        for (g, &hf) in order.iter().enumerate() {
+            expected[hf * cols..(hf + 1) * cols].copy_from_slice(&stored[g * cols..(g + 1) * cols]);
+        }
+        let t = |s: &str| st.tensor(&format!("{module}.{s}")).unwrap();
+        let got = support::mlx_dequantize(
+            t("weight").data(),
+            t("scales").data(),
+            t("biases").data(),
+            rows,
+            cols,
+            bits,
+            32,
+        );
+        assert!(got == expected, "{gguf_name} differs");
+    }
 }
 
 #[test]
