@@ -196,6 +196,15 @@ pub fn import_gguf(config: &ImportConfig) -> Result<ImportReport, ImportError> {
         output::write_json(&p, &value)?;
         files.push(p);
     }
+    // The safetensors writer creates its file owner-only; give the weights
+    // the same permissions as the other files, which follow the umask.
+    let config_path = out.join("config.json");
+    let perms = std::fs::metadata(&config_path)
+        .map_err(|e| ImportError::io(&config_path, e))?
+        .permissions();
+    let weights_path = out.join(WEIGHTS_FILE);
+    std::fs::set_permissions(&weights_path, perms)
+        .map_err(|e| ImportError::io(&weights_path, e))?;
 
     Ok(ImportReport {
         out_dir: out.clone(),

@@ -140,6 +140,13 @@ fn quantized_tensors_stay_quantized_and_dense_ones_keep_their_dtype() {
     assert_eq!(e.shape(), [262, 16]);
     let n = st.tensor("model.norm.weight").unwrap();
     assert_eq!((n.dtype(), n.shape()), (Dtype::F32, &[64][..]));
+    // The weights get the same permissions as the JSON files.
+    let mode = |f: &str| {
+        std::fs::metadata(dir.path().join("out").join(f))
+            .unwrap()
+            .permissions()
+    };
+    assert_eq!(mode("model.safetensors"), mode("config.json"));
 }
 
 #[test]
