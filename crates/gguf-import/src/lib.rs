@@ -16,6 +16,12 @@
 //! parser treats its input as hostile: every count is bounded by the file
 //! size before anything is allocated, and every failure is an
 //! [`ImportError`] naming the file (and the tensor, where there is one).
+//!
+//! The whole GGUF is read into memory and the converted tensors are held
+//! until the single `model.safetensors` is written, so an import needs about
+//! twice the model's size in memory (about 200 MiB for the default model);
+//! that keeps the code free of `unsafe` memory mapping, and is fine for the
+//! small models this project imports. Sharded output is not written.
 
 mod config;
 mod error;
