@@ -26,13 +26,13 @@ enum Command {
     /// Run every check CI runs, failing fast.
     Ci,
     /// Install MLX and the default model into project-local folders.
-    Setup,
+    Setup(setup::SetupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
-        Command::Setup => setup::run(),
+        Command::Setup(args) => setup::run(args),
     }
 }

@@ -1,7 +1,297 @@
-//! `cargo xtask setup`: installs MLX and the default model project-locally.
+//! `cargo xtask setup`: installs MLX, the mlx-c sources and the default model
+//! into project-local, git-ignored folders.
+//!
+//! Everything is pinned: the MLX wheel by version and sha256 (pip checks the
+//! hash with `--require-hashes`), the mlx-c sources by the exact version of
+//! the crates.io package `mlx-sys` that carries them. A stamp file records
+//! what was installed, so that a second run returns at once.
 
-/// Installs everything `mlx-batch` needs; filled by the MLX issue.
-pub fn run() -> anyhow::Result<()> {
-    crate::model::ensure_default_model(&crate::util::workspace_root())?;
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::util::{cargo, run as run_step};
+
+/// The MLX release that mlx-c 0.7.0 is written against; 0.32.3 changed the
+/// signature of `gather_qmm`, which breaks mlx-c 0.7.0.
+const MLX_VERSION: &str = "0.32.2";
+
+/// The crates.io package whose `src/mlx-c` folder holds the mlx-c sources.
+const MLX_C_CRATE: &str = "mlx-sys";
+/// Its exact version: the one `mlx-rs` 0.33.0 binds to.
+const MLX_C_CRATE_VERSION: &str = "0.7.0";
+
+/// Bump when the layout of `.mlx/` changes, so old installs are redone.
+const LAYOUT_VERSION: u32 = 1;
+
+/// A wheel that setup may install: the pip package and the sha256 of every
+/// file pip may pick for it (one per platform tag).
+struct Wheel {
+    package: &'static str,
+    sha256: &'static [&'static str],
+}
+
+/// Linux CPU: `mlx_cpu-0.32.2-py3-none-manylinux_2_35_x86_64.whl`.
+const MLX_CPU: Wheel = Wheel {
+    package: "mlx-cpu",
+    sha256: &["fc5d31b90fc4f457b2f9614ed45651a567d22a6a11a03d114a90a4e10bdd8878"],
+};
+
+/// NVIDIA GPUs: `mlx_cuda_13-0.32.2-py3-none-manylinux_2_35_x86_64.whl`.
+const MLX_CUDA: Wheel = Wheel {
+    package: "mlx-cuda-13",
+    sha256: &["335094ccd1c0c6dc3e09c8caba207c8180602bacc0c38ba20c1d81e9456ab394"],
+};
+
+/// CUDA runtime libraries that the CUDA wheel loads; pip resolves them from
+/// the wheel's own requirements (they are not hash-pinned here).
+const CUDA_RUNTIME: [&str; 6] = [
+    "nvidia-cudnn-cu13==9.*",
+    "nvidia-nccl-cu13",
+    "nvidia-cublas==13.*",
+    "nvidia-cufft==12.*",
+    "nvidia-cuda-nvrtc==13.*",
+    "nvidia-cuda-runtime==13.*",
+];
+
+/// macOS: `mlx_metal-0.32.2-py3-none-macosx_{14,15,26}_0_arm64.whl`.
+const MLX_METAL: Wheel = Wheel {
+    package: "mlx-metal",
+    sha256: &[
+        "3825fff379dbc107dd3413e564a06caeaa24819910ec49c0439e454c06a1b9b8",
+        "55a369250d220b2cf10213a87a2ac1b1a420608c5b35b1df4e7147ac8e32f121",
+        "e6abeac9ac5265830c9c1541b6f96e9be37a85c2446763a46ad466c63a3837ab",
+    ],
+};
+
+/// Options of `cargo xtask setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Install the CUDA build of MLX (the default when an NVIDIA driver is
+    /// present).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+/// Installs everything `mlx-batch` needs; quick when nothing changed.
+pub fn run(args: SetupArgs) -> anyhow::Result<()> {
+    let root = crate::util::workspace_root();
+    let mlx = root.join(".mlx");
+    let wheel = choose_wheel(args.cuda);
+    let stamp = stamp_text(wheel);
+    let stamp_path = mlx.join("stamp");
+
+    if fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) && installed(&mlx) {
+        eprintln!(
+            "xtask: MLX {MLX_VERSION} ({}) and mlx-c are already set up",
+            wheel.package
+        );
+    } else {
+        // Remove the stamp first: an interrupted setup must not look done.
+        let _ = fs::remove_file(&stamp_path);
+        fs::create_dir_all(&mlx).with_context(|| format!("creating {}", mlx.display()))?;
+        install_wheel(&mlx, wheel)?;
+        install_mlx_c_sources(&mlx)?;
+        fs::write(&stamp_path, &stamp)
+            .with_context(|| format!("writing {}", stamp_path.display()))?;
+        eprintln!(
+            "xtask: MLX {MLX_VERSION} ({}) and mlx-c set up",
+            wheel.package
+        );
+    }
+
+    crate::model::ensure_default_model(&root)?;
+    Ok(())
+}
+
+/// The Metal wheel on macOS; on Linux the CUDA wheel when asked for or when
+/// an NVIDIA driver is present, else the CPU wheel.
+fn choose_wheel(cuda: bool) -> &'static Wheel {
+    if cfg!(target_os = "macos") {
+        &MLX_METAL
+    } else if cuda || nvidia_driver_present() {
+        &MLX_CUDA
+    } else {
+        &MLX_CPU
+    }
+}
+
+fn nvidia_driver_present() -> bool {
+    Path::new("/proc/driver/nvidia").exists()
+        || Command::new("nvidia-smi")
+            .arg("-L")
+            .output()
+            .is_ok_and(|out| out.status.success())
+}
+
+/// Everything that decides what is installed; any change redoes setup.
+fn stamp_text(wheel: &Wheel) -> String {
+    format!(
+        "layout {LAYOUT_VERSION}\nmlx {} {MLX_VERSION}\nsha256 {}\nmlx-c {MLX_C_CRATE}-{MLX_C_CRATE_VERSION}\n",
+        wheel.package,
+        wheel.sha256.join(" "),
+    )
+}
+
+/// Whether the files the build needs are all there.
+fn installed(mlx: &Path) -> bool {
+    let lib = mlx.join("wheel").join("mlx").join("lib");
+    (lib.join("libmlx.so").is_file() || lib.join("libmlx.dylib").is_file())
+        && mlx.join("mlx-c").join("CMakeLists.txt").is_file()
+}
+
+/// Installs the pinned wheel into `.mlx/wheel` (replacing what was there)
+/// and checks the version that landed.
+fn install_wheel(mlx: &Path, wheel: &Wheel) -> anyhow::Result<()> {
+    let target = mlx.join("wheel");
+    if target.exists() {
+        fs::remove_dir_all(&target).with_context(|| format!("removing {}", target.display()))?;
+    }
+    let hashes: String = wheel
+        .sha256
+        .iter()
+        .map(|hash| format!(" --hash=sha256:{hash}"))
+        .collect();
+    let requirements = mlx.join("requirements.txt");
+    fs::write(
+        &requirements,
+        format!("{}=={MLX_VERSION}{hashes}\n", wheel.package),
+    )
+    .with_context(|| format!("writing {}", requirements.display()))?;
+
+    let python = python()?;
+    run_step(
+        "installing the MLX wheel",
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--no-deps"])
+            .args(["--only-binary=:all:", "--require-hashes", "--target"])
+            .arg(&target)
+            .arg("-r")
+            .arg(&requirements),
+    )?;
+    if wheel.package == MLX_CUDA.package {
+        run_step(
+            "installing the CUDA runtime libraries",
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--no-deps"])
+                .args(["--only-binary=:all:", "--target"])
+                .arg(&target)
+                .args(CUDA_RUNTIME),
+        )?;
+    }
+
+    let metadata = target
+        .join(format!(
+            "{}-{MLX_VERSION}.dist-info",
+            wheel.package.replace('-', "_")
+        ))
+        .join("METADATA");
+    let text = fs::read_to_string(&metadata)
+        .with_context(|| format!("reading {} after pip install", metadata.display()))?;
+    let version = text
+        .lines()
+        .find_map(|line| line.strip_prefix("Version: "))
+        .unwrap_or_default();
+    if version != MLX_VERSION {
+        bail!(
+            "pip installed {} {version}, expected {MLX_VERSION}",
+            wheel.package
+        );
+    }
+    Ok(())
+}
+
+/// The Python that runs pip: `python3`, or `python` where only that exists.
+fn python() -> anyhow::Result<String> {
+    for candidate in ["python3", "python"] {
+        if Command::new(candidate)
+            .args(["-m", "pip", "--version"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+        {
+            return Ok(candidate.to_owned());
+        }
+    }
+    bail!(
+        "no Python with pip found: install python3 and pip (Debian: `apt-get install python3-pip`)"
+    )
+}
+
+/// Fetches the crates.io package that carries mlx-c through cargo and copies
+/// its `src/mlx-c` folder to `.mlx/mlx-c`.
+fn install_mlx_c_sources(mlx: &Path) -> anyhow::Result<()> {
+    let fetch = mlx.join("mlx-c-fetch");
+    fs::create_dir_all(fetch.join("src"))
+        .with_context(|| format!("creating {}", fetch.display()))?;
+    fs::write(
+        fetch.join("Cargo.toml"),
+        format!(
+            "# Written by `cargo xtask setup` to fetch the mlx-c sources through cargo.\n\
+             [package]\nname = \"mlx-c-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n\
+             [dependencies]\n{MLX_C_CRATE} = \"={MLX_C_CRATE_VERSION}\"\n\n[workspace]\n"
+        ),
+    )
+    .context("writing the fetch manifest")?;
+    fs::write(fetch.join("src").join("lib.rs"), "").context("writing the fetch crate")?;
+    let manifest = fetch.join("Cargo.toml");
+    run_step(
+        "fetching the mlx-c sources",
+        cargo().arg("fetch").arg("--manifest-path").arg(&manifest),
+    )?;
+
+    let package = find_registry_package()?;
+    let source = package.join("src").join("mlx-c");
+    let dest = mlx.join("mlx-c");
+    if dest.exists() {
+        fs::remove_dir_all(&dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    copy_dir(&source, &dest)?;
+    Ok(())
+}
+
+/// Where cargo unpacked `mlx-sys-0.7.0`: `$CARGO_HOME/registry/src/*/`.
+fn find_registry_package() -> anyhow::Result<PathBuf> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let registry = cargo_home.join("registry").join("src");
+    let name = format!("{MLX_C_CRATE}-{MLX_C_CRATE_VERSION}");
+    let entries =
+        fs::read_dir(&registry).with_context(|| format!("listing {}", registry.display()))?;
+    for entry in entries.flatten() {
+        let candidate = entry.path().join(&name);
+        if candidate
+            .join("src")
+            .join("mlx-c")
+            .join("CMakeLists.txt")
+            .is_file()
+        {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "cargo fetched {name} but it is not under {}",
+        registry.display()
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
     Ok(())
 }

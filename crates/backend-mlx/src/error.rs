@@ -1,0 +1,57 @@
+//! The one error enum of this crate.
+
+use crate::Device;
+
+/// Everything that can go wrong in the MLX backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A device name other than `cpu` or `gpu`.
+    #[error("unknown device {0:?}: expected \"cpu\" or \"gpu\"")]
+    UnknownDevice(String),
+    /// The device was asked for but MLX has none of that kind here.
+    #[error("device {0} is not available: this MLX build sees no GPU (Metal or CUDA)")]
+    DeviceUnavailable(Device),
+    /// An MLX operation failed.
+    #[error("MLX: {0}")]
+    Mlx(#[from] mlx_rs::error::Exception),
+    /// Reading or writing an MLX file failed.
+    #[error("MLX I/O: {0}")]
+    MlxIo(#[from] mlx_rs::error::IoError),
+    /// A model file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A configuration file is malformed or asks for something unsupported.
+    #[error("{}: {message}", path.display())]
+    Config {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// A weight is missing, has the wrong shape or dtype, or its file is
+    /// corrupt.
+    #[error("{}: tensor {tensor:?}: {message}", file.display())]
+    Weights {
+        /// The safetensors file (or the model folder when no file has it).
+        file: std::path::PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The tokenizer failed to load, encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template is missing, invalid or raised an exception.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A sequence was added with bad arguments (an id in use, an empty or
+    /// too long context, invalid sampling parameters).
+    #[error("sequence: {0}")]
+    Sequence(String),
+}
