@@ -12,8 +12,11 @@
 
 pub mod app;
 pub mod byte_model;
+pub mod cli;
+pub mod commands;
 pub mod engine;
 pub mod generation;
+pub mod mlx_text;
 pub mod openai;
 pub mod prepare;
 pub mod routes;

@@ -1,7 +1,35 @@
 //! `mlx-batch`: the command-line entry point. Thin by design: it parses
-//! arguments and wires the crates together; all logic lives in the library.
+//! arguments and hands over to the library; errors end up as one line on
+//! stderr and a non-zero exit code, never a panic backtrace.
+
+use clap::Parser;
+use server::{
+    cli::{Cli, Command},
+    commands, telemetry,
+};
 
 fn main() {
-    eprintln!("mlx-batch: serving is being wired up");
-    std::process::exit(1);
+    let cli = Cli::parse();
+    telemetry::init_logging();
+    if let Err(e) = run(&cli) {
+        // `{:#}` joins the error's context chain on one line.
+        eprintln!("mlx-batch: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Command::ImportGguf(args) = &cli.command {
+        return commands::import::run(args);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match &cli.command {
+            Command::Serve(args) => commands::serve::run(args).await,
+            Command::Generate(args) => commands::generate::run(args).await,
+            Command::ImportGguf(args) => commands::import::run(args),
+        }
+    })
 }

@@ -1,0 +1,79 @@
+//! What each subcommand does, on top of the library.
+
+pub mod generate;
+pub mod import;
+pub mod serve;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::Context;
+use backend_mlx::{Device, LoadOptions, MlxBackend};
+use batching_scheduler::{SchedulerConfig, SchedulerHandle};
+use batching_types::{Backend, SystemClock};
+
+use crate::{
+    cli::{resolve_model_dir, DeviceArg, ModelArgs},
+    mlx_text::MlxTextModel,
+    scheduler_engine::SchedulerEngine,
+};
+
+/// A loaded model behind a running scheduler.
+pub struct Loaded {
+    /// The scheduler, behind the engine seam.
+    pub engine: SchedulerEngine,
+    /// The model's text side.
+    pub model: MlxTextModel,
+}
+
+/// How big the KV cache is.
+#[derive(Debug, Clone, Copy)]
+pub enum KvSize {
+    /// A memory budget in bytes.
+    Bytes(u64),
+    /// A number of tokens.
+    Tokens(usize),
+}
+
+/// Loads the model on the engine thread and starts the scheduler over it.
+pub fn load(args: &ModelArgs, scheduler: SchedulerConfig, kv: KvSize) -> anyhow::Result<Loaded> {
+    let dir = resolve_model_dir(args.model.as_ref())?;
+    let model = MlxTextModel::load(&dir)?;
+    let device = match args.device {
+        DeviceArg::Auto => Device::best_available(),
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Gpu => Device::Gpu.ensure_available()?,
+    };
+    let mut options = LoadOptions::new(&dir);
+    options.device = device;
+    options.max_batch_size = scheduler.max_batch_size;
+    match kv {
+        KvSize::Bytes(bytes) => options.kv_memory_bytes = Some(bytes),
+        KvSize::Tokens(tokens) => options.kv_tokens = Some(tokens),
+    }
+    let block_size = scheduler.block_size.max(1);
+    tracing::info!(model = %model.info().name, dir = %dir.display(), %device, "loading the model");
+    // The backend is built on the engine thread (MLX arrays stay on the
+    // thread that made them); it reports its capacity back through here.
+    let capacity = Arc::new(Mutex::new(None));
+    let reported = Arc::clone(&capacity);
+    let handle = SchedulerHandle::spawn(scheduler, SystemClock, move || {
+        let backend = MlxBackend::load(&options)?;
+        *reported.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.capacity());
+        Ok(backend)
+    })
+    .context("starting the engine")?;
+    let capacity = capacity
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .context("the backend did not report its capacity")?;
+    tracing::info!(
+        kv_tokens = capacity.kv_tokens,
+        max_context = capacity.max_context,
+        "engine ready"
+    );
+    let whole_blocks = capacity.kv_tokens / block_size * block_size;
+    Ok(Loaded {
+        engine: SchedulerEngine::new(handle, whole_blocks),
+        model,
+    })
+}

@@ -1,0 +1,91 @@
+//! The real [`TextModel`]: the model folder's tokenizer and chat template,
+//! through `backend-mlx`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use backend_mlx::{DecodeStream, ModelInfo, Tokenizer};
+
+use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
+
+/// A model folder's text side.
+#[derive(Debug, Clone)]
+pub struct MlxTextModel {
+    id: String,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+}
+
+impl MlxTextModel {
+    /// Reads `config.json` and the tokenizer files of `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let info = ModelInfo::read(dir)
+            .with_context(|| format!("reading the model config in {}", dir.display()))?;
+        let tokenizer = Tokenizer::from_model_dir(dir)
+            .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+        Ok(Self {
+            id: info.name.clone(),
+            info,
+            tokenizer,
+        })
+    }
+
+    /// The model's config summary.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+impl TextModel for MlxTextModel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn max_context(&self) -> usize {
+        self.info.max_context
+    }
+
+    fn vocab_size(&self) -> usize {
+        // The embedding's rows: an id past them would index outside it.
+        self.info.vocab_size
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.tokenizer.eos_token_ids().to_vec();
+        for id in &self.info.eos_token_ids {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids
+    }
+
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String> {
+        let messages: Vec<backend_mlx::ChatMessage> = messages
+            .iter()
+            .map(|m| backend_mlx::ChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        Ok(self.tokenizer.apply_chat_template(&messages, true)?)
+    }
+
+    fn decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(Decoder(self.tokenizer.decode_stream()))
+    }
+}
+
+struct Decoder(DecodeStream);
+
+impl StreamDecoder for Decoder {
+    fn push(&mut self, token: u32) -> anyhow::Result<String> {
+        Ok(self.0.push(token)?.unwrap_or_default())
+    }
+
+    fn flush(&mut self) -> String {
+        // A failure here can only concern the last partial character.
+        self.0.flush().ok().flatten().unwrap_or_default()
+    }
+}

@@ -1,0 +1,168 @@
+//! End-to-end tests with the real default model on the CPU, driven by the
+//! official `openai` Python package against a server started here.
+//!
+//! They skip, printing why, when the default model (`cargo xtask setup`)
+//! or Python is missing. The `openai` package is installed from PyPI into
+//! the git-ignored `.mlx/openai-client` folder on first use.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+};
+
+use batching_scheduler::SchedulerConfig;
+use server::{
+    app::{AppState, ServerConfig},
+    cli::{default_model_dir, DeviceArg, ModelArgs},
+    commands::{load, KvSize},
+    telemetry,
+    text_model::TextModel,
+};
+
+/// The `openai` releases the checks are written for.
+const OPENAI_REQUIREMENT: &str = "openai>=1.40,<3";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn imports_openai(dir: &Path) -> bool {
+    Command::new("python3")
+        .env("PYTHONPATH", dir)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The folder holding the `openai` package, installing it when missing.
+fn openai_package() -> Result<PathBuf, String> {
+    let dir = workspace_root().join(".mlx").join("openai-client");
+    if imports_openai(&dir) {
+        return Ok(dir);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&dir)
+        .arg(OPENAI_REQUIREMENT)
+        .output()
+        .map_err(|e| format!("python3 is not available: {e}"))?;
+    if !out.status.success() || !imports_openai(&dir) {
+        return Err(format!(
+            "could not install {OPENAI_REQUIREMENT}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(dir)
+}
+
+/// Starts a server on the default model; `None` (after printing why) when
+/// the test must be skipped.
+async fn start_server(max_batch_size: usize) -> Option<(String, String, PathBuf)> {
+    let model_dir = default_model_dir();
+    if !model_dir.join("config.json").is_file() {
+        eprintln!(
+            "skipping: no default model at {} (run `cargo xtask setup`)",
+            model_dir.display()
+        );
+        return None;
+    }
+    let python_path = match openai_package() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return None;
+        }
+    };
+    let metrics = telemetry::prometheus().unwrap();
+    let args = ModelArgs {
+        model: Some(model_dir),
+        device: DeviceArg::Cpu,
+    };
+    let scheduler = SchedulerConfig {
+        max_batch_size,
+        ..SchedulerConfig::default()
+    };
+    let loaded =
+        tokio::task::block_in_place(|| load(&args, scheduler, KvSize::Tokens(4096))).unwrap();
+    let model_id = loaded.model.id().to_owned();
+    let state = AppState::new(
+        Arc::new(loaded.engine),
+        Arc::new(loaded.model),
+        metrics,
+        ServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server::app::serve(listener, state, std::future::pending()));
+    Some((base, model_id, python_path))
+}
+
+/// Runs the Python checks named in `checks` and returns their output.
+async fn run_python(base: String, model: String, python_path: PathBuf, checks: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
+    let checks: Vec<String> = checks.iter().map(|c| (*c).to_owned()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .env("PYTHONPATH", python_path)
+            .arg(script)
+            .arg(base)
+            .arg(model)
+            .args(checks)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_works_against_the_default_model() {
+    let Some((base, model, python_path)) = start_server(8).await else {
+        return;
+    };
+    let out = run_python(
+        base,
+        model,
+        python_path,
+        &["basic", "concurrent", "priority", "disconnect"],
+    )
+    .await;
+    println!("{out}");
+    for check in ["basic", "concurrent", "priority", "disconnect"] {
+        assert!(
+            out.contains(&format!("ok: {check}")),
+            "{check} did not run:\n{out}"
+        );
+    }
+}
+
+/// Time to first token and throughput with 1 and 8 streams, for the report:
+/// `cargo test -p server --release --test e2e_openai -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it on purpose"]
+async fn measure_ttft_and_throughput() {
+    let Some((base, model, python_path)) = start_server(8).await else {
+        return;
+    };
+    println!(
+        "{}",
+        run_python(base, model, python_path, &["measure"]).await
+    );
+}
