@@ -7,6 +7,7 @@
 mod bench;
 mod ci;
 mod model;
+mod serve;
 mod setup;
 mod util;
 
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run every check CI runs, failing fast.
     Ci,
+    /// Set up if needed, then serve the default model on 127.0.0.1:8080.
+    Serve(serve::ServeArgs),
     /// Install MLX and the default model into project-local folders.
     Setup(setup::SetupArgs),
 }
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
+        Command::Serve(args) => serve::run(args),
         Command::Setup(args) => setup::run(args),
     }
 }

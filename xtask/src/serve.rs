@@ -1,0 +1,41 @@
+//! `cargo xtask serve`: set up what is missing, then serve the default
+//! model on 127.0.0.1:8080.
+//!
+//! Setup is idempotent and returns at once when everything is installed, so
+//! this is the one command a fresh checkout needs to get a running server.
+
+use clap::Args;
+
+use crate::util::{cargo, run as run_step, workspace_root};
+
+/// Options of `cargo xtask serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Extra arguments for `mlx-batch serve`, for example `--port 9000`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub extra: Vec<String>,
+}
+
+/// Installs MLX and the default model if needed, then runs the server in
+/// the foreground until it is stopped (Ctrl-C).
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::setup::run(crate::setup::SetupArgs { cuda: false })?;
+    let model = crate::model::ensure_default_model(&workspace_root())?;
+    run_step(
+        "serve",
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "--package",
+                "server",
+                "--bin",
+                "mlx-batch",
+                "--",
+                "serve",
+                "--model",
+            ])
+            .arg(&model)
+            .args(&args.extra),
+    )
+}
