@@ -125,10 +125,10 @@ def run_threads(fns):
 
 def check_concurrent_streams_match_solo():
     prompts = [[{"role": "user", "content": f"Count from {i} to {i + 5}."}] for i in range(8)]
-    alone = [stream_text(p, 16) for p in prompts]
+    alone = [stream_text(p, 10) for p in prompts]
     marks = {}
     together = run_threads(
-        [lambda p=p, i=i: stream_text(p, 16, marks=marks, key=i) for i, p in enumerate(prompts)]
+        [lambda p=p, i=i: stream_text(p, 10, marks=marks, key=i) for i, p in enumerate(prompts)]
     )
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a == b, f"stream {i}: alone {a!r} but batched {b!r}"
@@ -139,7 +139,7 @@ def check_high_priority_overtakes_low():
     long_msgs = [[{"role": "user", "content": f"Tell a long story about dragon {i}."}] for i in range(10)]
     fns = []
     for i, m in enumerate(long_msgs):
-        fns.append(lambda m=m, i=i: stream_text(m, 40, "low", marks, f"low{i}"))
+        fns.append(lambda m=m, i=i: stream_text(m, 24, "low", marks, f"low{i}"))
     threads = []
     # Fill the batch first, then queue more LOW work, then send HIGH.
     for f in fns[:8]:
