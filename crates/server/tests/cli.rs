@@ -11,11 +11,12 @@ fn mlx_batch() -> Command {
 
 #[test]
 fn a_missing_model_is_one_line_on_stderr_and_a_failing_exit_code() {
-    for args in [
-        vec!["serve", "--model", "no/such/model"],
-        vec!["generate", "--prompt", "hi", "--model", "no/such/model"],
-    ] {
-        let out = mlx_batch().args(&args).output().unwrap();
+    let cases: [&[&str]; 2] = [
+        &["serve", "--model", "no/such/model"],
+        &["generate", "--prompt", "hi", "--model", "no/such/model"],
+    ];
+    for args in cases {
+        let out = mlx_batch().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8(out.stderr).unwrap();
         let lines: Vec<&str> = stderr.lines().collect();
