@@ -428,6 +428,17 @@ async fn wait_waiting(s: &TestServer, n: u64) {
     panic!("never saw {n} waiting: {}", s.health().await);
 }
 
+/// Waits until `n` requests hold KV blocks.
+async fn wait_running(s: &TestServer, n: u64) {
+    for _ in 0..400 {
+        if s.health().await["engine"]["running"].as_u64() == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never saw {n} running: {}", s.health().await);
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after() {
     let mut options = Options::default().serial(Duration::from_millis(5));
@@ -547,9 +558,12 @@ async fn a_high_priority_request_overtakes_queued_low_ones() {
         })
     };
     let low = |p: &str| json!({"model": MODEL, "prompt": p, "max_tokens": 30, "stream": true, "priority": "low"});
-    let running = first_token_at(low("running"), None);
-    wait_waiting(&s, 0).await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The running request is long enough that the queue below forms while
+    // it still holds the only batch slot, however slow the machine.
+    let mut long_low = low("running");
+    long_low["max_tokens"] = json!(200);
+    let running = first_token_at(long_low, None);
+    wait_running(&s, 1).await;
     let queued: Vec<_> = (0..3)
         .map(|i| first_token_at(low(&format!("low {i}")), None))
         .collect();
