@@ -21,8 +21,7 @@ use crate::{
     error::BackendError,
     kv_cache::KvCache,
     model::{Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
-    sampling,
-    Device,
+    sampling, Device,
 };
 
 /// The KV memory budget when neither `kv_tokens` nor `kv_memory_bytes` is
@@ -264,7 +263,9 @@ impl Backend for MlxBackend {
         sampling: &SamplingParams,
     ) -> Result<(), Self::Error> {
         if self.sequences.contains_key(&id) {
-            return Err(BackendError::Sequence(format!("{id} is already registered")));
+            return Err(BackendError::Sequence(format!(
+                "{id} is already registered"
+            )));
         }
         if context.is_empty() {
             return Err(BackendError::Sequence(format!("{id} has an empty context")));

@@ -154,9 +154,8 @@ impl Tokenizer {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
             });
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            BackendError::Tokenizer(format!("{}: {e}", tokenizer_path.display()))
-        })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| BackendError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: TokenizerConfig = if config_path.is_file() {
             read_json(&config_path)?
@@ -536,7 +535,10 @@ mod tests {
     #[test]
     fn chatml_template_renders_with_generation_prompt() {
         let source = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        let messages = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
         let out = render_chat_template(
             source,
             &TemplateContext {

@@ -14,7 +14,9 @@ fn prompts() -> Vec<Vec<u32>> {
     (0..8u32)
         .map(|i| {
             let len = 3 + (i * 37 % 38) as usize;
-            (0..len as u32).map(|j| (i * 31 + j * 7 + 1) % 256).collect()
+            (0..len as u32)
+                .map(|j| (i * 31 + j * 7 + 1) % 256)
+                .collect()
         })
         .collect()
 }
@@ -36,7 +38,10 @@ fn greedy_tokens_do_not_depend_on_the_batch() {
         .collect();
     // Greedy output must not be one repeated token, or the test proves
     // little.
-    assert!(solo.iter().any(|t| t.iter().any(|&x| x != t[0])), "{solo:?}");
+    assert!(
+        solo.iter().any(|t| t.iter().any(|&x| x != t[0])),
+        "{solo:?}"
+    );
 
     let mut backend = load(&dir.0, None);
     // Chunks of 5 tokens and staggered starts: sequences join while others
@@ -45,7 +50,11 @@ fn greedy_tokens_do_not_depend_on_the_batch() {
     let together = generate_batched(&mut backend, &prompts, steps, 5, 2, &greedy());
     assert_eq!(together, solo);
     assert_eq!(backend.num_sequences(), 0);
-    assert_eq!(backend.kv_allocated_bytes(), 0, "the cache empties when all leave");
+    assert_eq!(
+        backend.kv_allocated_bytes(),
+        0,
+        "the cache empties when all leave"
+    );
 }
 
 #[test]

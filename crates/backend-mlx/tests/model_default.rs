@@ -38,7 +38,11 @@ fn info_and_tokenizer_describe_the_default_model() {
     assert_eq!(info.architecture, "llama");
     assert_eq!((info.max_context, info.vocab_size), (8192, 49152));
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
-    assert!(tok.eos_token_ids().contains(&2), "{:?}", tok.eos_token_ids());
+    assert!(
+        tok.eos_token_ids().contains(&2),
+        "{:?}",
+        tok.eos_token_ids()
+    );
     assert_eq!(tok.vocab_size(), 49152);
     let ids = tok.encode("Hello world 123").unwrap();
     // Digits are split one by one by this tokenizer's pre-tokenizer.
@@ -47,7 +51,10 @@ fn info_and_tokenizer_describe_the_default_model() {
     let prompt = tok
         .apply_chat_template(&[ChatMessage::new("user", "Hi there")], true)
         .unwrap();
-    assert!(prompt.contains("<|im_start|>user\nHi there<|im_end|>"), "{prompt}");
+    assert!(
+        prompt.contains("<|im_start|>user\nHi there<|im_end|>"),
+        "{prompt}"
+    );
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
     let chat_ids = tok.encode(&prompt).unwrap();
     assert_eq!(chat_ids[0], 1, "<|im_start|> is one special token");
@@ -111,7 +118,9 @@ fn default_model_matches_mlx_lm() {
         let mut backend = load(&dir, Some(dtype));
         let mut worst = 0f32;
         for (i, p) in prompts.iter().enumerate() {
-            backend.add_sequence(RequestId(i as u64), p, &greedy()).unwrap();
+            backend
+                .add_sequence(RequestId(i as u64), p, &greedy())
+                .unwrap();
         }
         let mut plan = StepPlan {
             items: (0..prompts.len())
@@ -144,10 +153,15 @@ fn default_model_matches_mlx_lm() {
                     .zip(&logits)
                     .map(|(&id, &l)| (ours[id] - l).abs())
                     .fold(0.0, f32::max);
-                assert!(diff <= tol, "{dtype:?} prompt {i} step {step}: top logits differ by {diff}");
+                assert!(
+                    diff <= tol,
+                    "{dtype:?} prompt {i} step {step}: top logits differ by {diff}"
+                );
                 worst = worst.max(diff);
             }
-            plan.items.iter_mut().for_each(|it| it.kind = WorkKind::Decode);
+            plan.items
+                .iter_mut()
+                .for_each(|it| it.kind = WorkKind::Decode);
         }
         eprintln!("{dtype:?}: worst top-64 logit difference {worst:e}");
     }

@@ -75,7 +75,10 @@ fn reference(dir: &Path, steps: usize) -> Option<Vec<Reference>> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Runs every reference prompt through the backend in one batch (chunked
@@ -120,7 +123,10 @@ fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
                     diff <= tol,
                     "prompt {i} step {step}: logits differ by {diff} (> {tol})"
                 );
-                assert_eq!(t, refs[i].tokens[step], "prompt {i} step {step}: greedy token");
+                assert_eq!(
+                    t, refs[i].tokens[step],
+                    "prompt {i} step {step}: greedy token"
+                );
                 produced[i] += 1;
             }
         }
@@ -130,7 +136,14 @@ fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
 
 fn make_tiny(dir: &Path, arch: &str, quantize: bool) -> Option<()> {
     let cmd = python_reference()?;
-    let mut args = vec!["make-tiny", dir.to_str().unwrap(), "--arch", arch, "--seed", "3"];
+    let mut args = vec![
+        "make-tiny",
+        dir.to_str().unwrap(),
+        "--arch",
+        arch,
+        "--seed",
+        "3",
+    ];
     if quantize {
         args.push("--quantize");
     }

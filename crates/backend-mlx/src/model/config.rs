@@ -169,15 +169,16 @@ impl ModelConfig {
         });
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
         let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref()).map_err(err)?;
-        let (quantization, quantization_overrides) =
-            parse_quantization(raw.quantization.as_ref().or(raw.quantization_config.as_ref()))
-                .map_err(err)?;
+        let (quantization, quantization_overrides) = parse_quantization(
+            raw.quantization
+                .as_ref()
+                .or(raw.quantization_config.as_ref()),
+        )
+        .map_err(err)?;
         Ok(Self {
             // Qwen2 always has q/k/v biases; Llama and Mistral have them
             // only when `attention_bias` says so.
-            attention_bias: raw
-                .attention_bias
-                .unwrap_or(architecture == "qwen2"),
+            attention_bias: raw.attention_bias.unwrap_or(architecture == "qwen2"),
             architecture,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
@@ -258,7 +259,10 @@ fn parse_quantization(value: Option<&serde_json::Value>) -> Result<QuantConfig, 
         check_spec(spec).map_err(|e| format!("quantization entry {name:?}: {e}"))
     };
     let default = if obj.contains_key("bits") || obj.contains_key("group_size") {
-        Some(spec_of(value.unwrap_or(&serde_json::Value::Null), "default")?)
+        Some(spec_of(
+            value.unwrap_or(&serde_json::Value::Null),
+            "default",
+        )?)
     } else {
         None
     };
@@ -389,7 +393,9 @@ mod tests {
             ))
         };
         assert_eq!(
-            with(r#"{"type":"linear","factor":2.0}"#).unwrap().rope_scaling,
+            with(r#"{"type":"linear","factor":2.0}"#)
+                .unwrap()
+                .rope_scaling,
             RopeScaling::Linear { factor: 2.0 }
         );
         assert_eq!(
@@ -402,14 +408,24 @@ mod tests {
             with(r#"{"rope_type":"llama3","factor":8.0}"#).unwrap().rope_scaling,
             RopeScaling::Llama3 { factor, high_freq_factor, .. } if factor == 8.0 && high_freq_factor == 4.0
         ));
-        let err = with(r#"{"type":"yarn","factor":4.0}"#).unwrap_err().to_string();
-        assert!(err.contains("yarn") && err.contains("m/config.json"), "{err}");
+        let err = with(r#"{"type":"yarn","factor":4.0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("yarn") && err.contains("m/config.json"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_architectures_and_bad_shapes_are_named() {
-        let err = parse(&SMOL.replace("\"llama\"", "\"gpt2\"")).unwrap_err().to_string();
-        assert!(err.contains("gpt2") && err.contains("unsupported architecture"), "{err}");
+        let err = parse(&SMOL.replace("\"llama\"", "\"gpt2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gpt2") && err.contains("unsupported architecture"),
+            "{err}"
+        );
         let err = parse(&SMOL.replace("\"num_key_value_heads\":3", "\"num_key_value_heads\":4"))
             .unwrap_err()
             .to_string();

@@ -105,20 +105,22 @@ impl LlamaModel {
             let v = attn("v_proj", kv_out, c.attention_bias)?;
             let gate = mlp("gate_proj", hidden, inter)?;
             let up = mlp("up_proj", hidden, inter)?;
-            let qkv = Linear::fuse(&[q, k, v]).map_err(mlx)?.ok_or_else(|| {
-                BackendError::Weights {
-                    file: Default::default(),
-                    tensor: format!("{p}.self_attn.q_proj"),
-                    message: "q, k and v must share one quantization".into(),
-                }
-            })?;
-            let gate_up = Linear::fuse(&[gate, up]).map_err(mlx)?.ok_or_else(|| {
-                BackendError::Weights {
-                    file: Default::default(),
-                    tensor: format!("{p}.mlp.gate_proj"),
-                    message: "gate and up must share one quantization".into(),
-                }
-            })?;
+            let qkv =
+                Linear::fuse(&[q, k, v])
+                    .map_err(mlx)?
+                    .ok_or_else(|| BackendError::Weights {
+                        file: Default::default(),
+                        tensor: format!("{p}.self_attn.q_proj"),
+                        message: "q, k and v must share one quantization".into(),
+                    })?;
+            let gate_up =
+                Linear::fuse(&[gate, up])
+                    .map_err(mlx)?
+                    .ok_or_else(|| BackendError::Weights {
+                        file: Default::default(),
+                        tensor: format!("{p}.mlp.gate_proj"),
+                        message: "gate and up must share one quantization".into(),
+                    })?;
             blocks.push(Block {
                 input_norm: store.float(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 post_attention_norm: store
@@ -246,7 +248,12 @@ impl LlamaModel {
         // Decode attention spans the live rows; rows that do not decode
         // this step borrow query 0 and their output is dropped.
         let decode = if n_dec > 0 {
-            Some(DecodePlan::new(batch, &positions[..n_dec], live, self.dtype)?)
+            Some(DecodePlan::new(
+                batch,
+                &positions[..n_dec],
+                live,
+                self.dtype,
+            )?)
         } else {
             None
         };
@@ -276,7 +283,9 @@ impl LlamaModel {
 
             let mut outs: Vec<Array> = Vec::with_capacity(1 + batch.chunks.len());
             if let Some(plan) = &decode {
-                let q_dec = q.index(0..n_dec as i32).reshape(&[n_dec as i32, kv_heads, rep, hd])?;
+                let q_dec = q
+                    .index(0..n_dec as i32)
+                    .reshape(&[n_dec as i32, kv_heads, rep, hd])?;
                 let q_rows = match &plan.query_rows {
                     Some(idx) => q_dec.take_axis(idx, 0)?,
                     None => q_dec,
@@ -411,12 +420,7 @@ struct DecodePlan {
 }
 
 impl DecodePlan {
-    fn new(
-        batch: &StepBatch,
-        positions: &[usize],
-        live: usize,
-        dtype: Dtype,
-    ) -> MlxResult<Self> {
+    fn new(batch: &StepBatch, positions: &[usize], live: usize, dtype: Dtype) -> MlxResult<Self> {
         let cols = positions.iter().map(|p| p + 1).max().unwrap_or(1);
         let mut mask = vec![f32::NEG_INFINITY; live * cols];
         let mut query_of_row = vec![0i32; live];
@@ -478,8 +482,8 @@ fn rope_setup(c: &ModelConfig) -> (Option<Array>, f32) {
                     let wavelen = 2.0 * std::f32::consts::PI * f;
                     let scaled = if wavelen > low_wavelen { f * factor } else { f };
                     if wavelen > high_wavelen && wavelen < low_wavelen {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         scaled / ((1.0 - smooth) / factor + smooth)
                     } else {
                         scaled

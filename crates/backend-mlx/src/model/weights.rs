@@ -234,9 +234,7 @@ impl WeightStore {
                 let f32_of = |a: &Array| a.as_dtype(Dtype::Float32);
                 let dense = f32_of(&scales)
                     .and_then(|s| Ok((s, f32_of(&biases)?)))
-                    .and_then(|(s, b)| {
-                        ops::dequantize(&weight, &s, &b, spec.group_size, spec.bits)
-                    })
+                    .and_then(|(s, b)| ops::dequantize(&weight, &s, &b, spec.group_size, spec.bits))
                     .and_then(|w| w.as_dtype(dtype))
                     .map_err(|e| self.error(&weight_name, e.to_string()))?;
                 Ok(Linear::Dense {

@@ -96,27 +96,94 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) {
             let a = normal(shape, std, mean);
             tensors.insert(name, a);
         };
-        put(format!("{p}.input_layernorm.weight"), &[spec.hidden], 0.1, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[spec.hidden], 0.1, 1.0);
-        put(format!("{p}.self_attn.q_proj.weight"), &[spec.heads * hd, spec.hidden], 0.12, 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), &[spec.kv_heads * hd, spec.hidden], 0.12, 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), &[spec.kv_heads * hd, spec.hidden], 0.12, 0.0);
-        put(format!("{p}.self_attn.o_proj.weight"), &[spec.hidden, spec.heads * hd], 0.12, 0.0);
+        put(
+            format!("{p}.input_layernorm.weight"),
+            &[spec.hidden],
+            0.1,
+            1.0,
+        );
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[spec.hidden],
+            0.1,
+            1.0,
+        );
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[spec.heads * hd, spec.hidden],
+            0.12,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[spec.kv_heads * hd, spec.hidden],
+            0.12,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[spec.kv_heads * hd, spec.hidden],
+            0.12,
+            0.0,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[spec.hidden, spec.heads * hd],
+            0.12,
+            0.0,
+        );
         if qkv_bias {
-            put(format!("{p}.self_attn.q_proj.bias"), &[spec.heads * hd], 0.1, 0.0);
-            put(format!("{p}.self_attn.k_proj.bias"), &[spec.kv_heads * hd], 0.1, 0.0);
-            put(format!("{p}.self_attn.v_proj.bias"), &[spec.kv_heads * hd], 0.1, 0.0);
+            put(
+                format!("{p}.self_attn.q_proj.bias"),
+                &[spec.heads * hd],
+                0.1,
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.k_proj.bias"),
+                &[spec.kv_heads * hd],
+                0.1,
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.v_proj.bias"),
+                &[spec.kv_heads * hd],
+                0.1,
+                0.0,
+            );
         }
-        put(format!("{p}.mlp.gate_proj.weight"), &[spec.intermediate, spec.hidden], 0.12, 0.0);
-        put(format!("{p}.mlp.up_proj.weight"), &[spec.intermediate, spec.hidden], 0.12, 0.0);
-        put(format!("{p}.mlp.down_proj.weight"), &[spec.hidden, spec.intermediate], 0.12, 0.0);
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[spec.intermediate, spec.hidden],
+            0.12,
+            0.0,
+        );
+        put(
+            format!("{p}.mlp.up_proj.weight"),
+            &[spec.intermediate, spec.hidden],
+            0.12,
+            0.0,
+        );
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            &[spec.hidden, spec.intermediate],
+            0.12,
+            0.0,
+        );
     }
     tensors.insert("model.norm.weight".into(), normal(&[spec.hidden], 0.1, 1.0));
     if !spec.tied {
-        tensors.insert("lm_head.weight".into(), normal(&[spec.vocab, spec.hidden], 0.3, 0.0));
+        tensors.insert(
+            "lm_head.weight".into(),
+            normal(&[spec.vocab, spec.hidden], 0.3, 0.0),
+        );
     }
-    Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))
-        .unwrap();
+    Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     let config = serde_json::json!({
         "model_type": spec.model_type,
         "hidden_size": spec.hidden,
@@ -131,7 +198,11 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) {
         "tie_word_embeddings": spec.tied,
         "eos_token_id": 0,
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Loads a model folder on the CPU.

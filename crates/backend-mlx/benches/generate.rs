@@ -1,0 +1,236 @@
+//! Generation throughput of `MlxBackend` on the default model: prefill
+//! tokens/s, and decode tokens/s (summed over the batch) at batch 1, 8 and
+//! 32, for the weights dequantized to f32 (the CPU default) and kept as
+//! stored (4-bit).
+//!
+//! Each configuration prints one `RESULT` line from a short fixed loop
+//! (what `benches/compare.sh` puts beside mlx-lm), then criterion measures
+//! the same step. Knobs, all optional:
+//! `MLX_BATCH_BENCH_MODEL` (model folder), `MLX_BATCH_BENCH_DTYPES`
+//! (`f32,native`), `MLX_BATCH_BENCH_BATCHES` (`1,8,32`),
+//! `MLX_BATCH_BENCH_REPORT_ONLY=1` (skip criterion).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use backend_mlx::{Device, LoadOptions, MlxBackend, ModelDType};
+use batching_types::{Backend, RequestId, SamplingParams, StepItem, StepPlan, WorkKind};
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+/// Context tokens of each decoding sequence when decoding starts.
+const DECODE_PROMPT: usize = 64;
+/// Tokens of the prefill benchmark's prompt.
+const PREFILL_PROMPT: usize = 256;
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("MLX_BATCH_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.models/SmolLM2-135M-Instruct")
+        });
+    if dir.join("config.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: no model at {}; run `cargo xtask setup`",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// Distinct, deterministic prompt tokens.
+fn prompt(seq: u64, len: usize) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((seq * 7919 + i * 104_729) % 40_000 + 100) as u32)
+        .collect()
+}
+
+struct Decoder {
+    backend: MlxBackend,
+    ids: Vec<RequestId>,
+    next: u64,
+    plan: StepPlan,
+}
+
+impl Decoder {
+    fn new(dir: &PathBuf, dtype: ModelDType, batch: usize) -> Self {
+        let backend = MlxBackend::load(&LoadOptions {
+            device: Device::Cpu,
+            dtype: Some(dtype),
+            max_batch_size: batch.max(1),
+            ..LoadOptions::new(dir)
+        })
+        .unwrap();
+        let mut d = Self {
+            backend,
+            ids: Vec::new(),
+            next: 0,
+            plan: StepPlan::default(),
+        };
+        d.restart(batch);
+        d
+    }
+
+    /// Replaces every sequence with fresh ones, prefilled (untimed).
+    fn restart(&mut self, batch: usize) {
+        for id in self.ids.drain(..) {
+            self.backend.release(id);
+        }
+        let mut prefill = StepPlan::default();
+        for _ in 0..batch {
+            let id = RequestId(self.next);
+            self.next += 1;
+            self.backend
+                .add_sequence(id, &prompt(id.0, DECODE_PROMPT), &SamplingParams::default())
+                .unwrap();
+            prefill.items.push(StepItem {
+                id,
+                kind: WorkKind::Prefill { len: DECODE_PROMPT },
+            });
+            self.ids.push(id);
+        }
+        self.backend.step(&prefill).unwrap();
+        self.plan = StepPlan {
+            items: self
+                .ids
+                .iter()
+                .map(|&id| StepItem {
+                    id,
+                    kind: WorkKind::Decode,
+                })
+                .collect(),
+        };
+    }
+
+    /// Runs `steps` decode steps and returns their total time.
+    fn decode(&mut self, steps: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut done = 0;
+        while done < steps {
+            // Keep contexts short and comparable across runs.
+            if self.backend.kv_allocated_bytes() > 0 && done > 0 && done % 512 == 0 {
+                let n = self.ids.len();
+                self.restart(n);
+            }
+            let start = Instant::now();
+            self.backend.step(&self.plan).unwrap();
+            total += start.elapsed();
+            done += 1;
+        }
+        total
+    }
+}
+
+fn prefill_once(backend: &mut MlxBackend, id: u64) -> Duration {
+    let id = RequestId(id);
+    let tokens = prompt(id.0, PREFILL_PROMPT);
+    backend
+        .add_sequence(id, &tokens, &SamplingParams::default())
+        .unwrap();
+    let plan = StepPlan {
+        items: vec![StepItem {
+            id,
+            kind: WorkKind::Prefill {
+                len: PREFILL_PROMPT,
+            },
+        }],
+    };
+    let start = Instant::now();
+    backend.step(&plan).unwrap();
+    let elapsed = start.elapsed();
+    backend.release(id);
+    elapsed
+}
+
+fn peak_mib() -> f64 {
+    mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / (1 << 20) as f64
+}
+
+fn main() {
+    let Some(dir) = model_dir() else { return };
+    let report_only = std::env::var_os("MLX_BATCH_BENCH_REPORT_ONLY").is_some();
+    let mut criterion = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .configure_from_args();
+    for dtype_name in env_list("MLX_BATCH_BENCH_DTYPES", "f32,native") {
+        let dtype: ModelDType = dtype_name.parse().unwrap();
+
+        // Prefill.
+        let mut backend = MlxBackend::load(&LoadOptions {
+            device: Device::Cpu,
+            dtype: Some(dtype),
+            ..LoadOptions::new(&dir)
+        })
+        .unwrap();
+        prefill_once(&mut backend, 1_000_000);
+        let _ = mlx_rs::memory::reset_peak_memory();
+        let runs = 3;
+        let total: Duration = (0..runs)
+            .map(|i| prefill_once(&mut backend, 1_000_001 + i))
+            .sum();
+        println!(
+            "RESULT ours prefill dtype={dtype_name} batch=1 tok_s={:.1} peak_mib={:.0}",
+            (PREFILL_PROMPT as u64 * runs) as f64 / total.as_secs_f64(),
+            peak_mib()
+        );
+        if !report_only {
+            let mut group = criterion.benchmark_group(format!("prefill/{dtype_name}"));
+            group.throughput(Throughput::Elements(PREFILL_PROMPT as u64));
+            let mut next = 2_000_000;
+            group.bench_function(BenchmarkId::from_parameter(PREFILL_PROMPT), |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| {
+                            next += 1;
+                            prefill_once(&mut backend, next)
+                        })
+                        .sum()
+                })
+            });
+            group.finish();
+        }
+        drop(backend);
+
+        // Decode.
+        for batch in env_list("MLX_BATCH_BENCH_BATCHES", "1,8,32") {
+            let batch: usize = batch.parse().unwrap();
+            let mut decoder = Decoder::new(&dir, dtype, batch);
+            decoder.decode(2);
+            let _ = mlx_rs::memory::reset_peak_memory();
+            // About three seconds of steps, at least four.
+            let probe = decoder.decode(2).as_secs_f64() / 2.0;
+            let steps = ((3.0 / probe) as u64).clamp(4, 64);
+            let elapsed = decoder.decode(steps);
+            println!(
+                "RESULT ours decode dtype={dtype_name} batch={batch} tok_s={:.1} peak_mib={:.0}",
+                (steps * batch as u64) as f64 / elapsed.as_secs_f64(),
+                peak_mib()
+            );
+            if !report_only {
+                let mut group = criterion.benchmark_group(format!("decode/{dtype_name}"));
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+                    b.iter_custom(|iters| decoder.decode(iters))
+                });
+                group.finish();
+            }
+        }
+    }
+    criterion.final_summary();
+}
