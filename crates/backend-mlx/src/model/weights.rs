@@ -92,6 +92,13 @@ impl WeightStore {
                 tensor: "*".into(),
                 message: format!("cannot read the file: {e}"),
             })?;
+            // Loading is lazy; reading now ties a truncated or unreadable
+            // data section to its file instead of failing mid-build.
+            mlx_rs::transforms::eval(loaded.values()).map_err(|e| BackendError::Weights {
+                file: file.clone(),
+                tensor: "*".into(),
+                message: format!("cannot read the tensor data: {e}"),
+            })?;
             for (name, array) in loaded {
                 tensors.insert(name, (array, i));
             }
