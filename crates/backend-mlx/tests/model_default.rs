@@ -166,3 +166,40 @@ fn default_model_matches_mlx_lm() {
         eprintln!("{dtype:?}: worst top-64 logit difference {worst:e}");
     }
 }
+
+/// One tokenizer for every proptest case: loading it is the slow part.
+fn shared_tokenizer() -> Option<&'static Tokenizer> {
+    static TOKENIZER: std::sync::OnceLock<Option<Tokenizer>> = std::sync::OnceLock::new();
+    TOKENIZER
+        .get_or_init(|| model_dir().map(|d| Tokenizer::from_model_dir(d).unwrap()))
+        .as_ref()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Streaming never splits a character: the pieces concatenate to the
+    /// full decode, and none holds a replacement character the full text
+    /// lacks (a half-emitted UTF-8 sequence would).
+    #[test]
+    fn streamed_pieces_concatenate_to_the_full_decode(text in "[a-zé漢字🙂 \\n0-9]{0,40}") {
+        let Some(tok) = shared_tokenizer() else { return Ok(()) };
+        let ids = tok.encode(&text).unwrap();
+        let mut stream = tok.decode_stream();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            if let Some(p) = stream.push(id).unwrap() {
+                pieces.push(p);
+            }
+        }
+        if let Some(p) = stream.flush().unwrap() {
+            pieces.push(p);
+        }
+        let full = tok.decode(&ids).unwrap();
+        proptest::prop_assert_eq!(pieces.concat(), full.clone());
+        proptest::prop_assert_eq!(full.clone(), text);
+        for p in &pieces {
+            proptest::prop_assert!(!p.contains('\u{FFFD}'), "{:?} in {:?}", p, full);
+        }
+    }
+}
