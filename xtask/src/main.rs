@@ -32,11 +32,20 @@ enum Command {
     Setup(setup::SetupArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
         Command::Serve(args) => serve::run(args),
         Command::Setup(args) => setup::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One readable line (with its causes), not a backtrace: the
+            // failing step has already printed its own output above.
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
