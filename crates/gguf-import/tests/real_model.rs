@@ -61,6 +61,10 @@ fn imported() -> Option<(PathBuf, PathBuf)> {
 fn import_once() -> Option<(PathBuf, PathBuf)> {
     let Some(gguf) = gguf_path() else {
         eprintln!("skipped: no real model (run `cargo xtask setup` or set MLX_BATCH_MODEL_GGUF)");
+        assert!(
+            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
+            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
+        );
         return None;
     };
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gguf-import-real-model");

@@ -34,6 +34,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Convert a Llama-family GGUF file into a model folder.
     ImportGguf(ImportArgs),
+    /// Load-test any OpenAI-compatible server (this one or a peer).
+    Bench(loadgen::BenchArgs),
 }
 
 /// Where MLX runs.

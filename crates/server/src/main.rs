@@ -30,6 +30,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             Command::Serve(args) => commands::serve::run(args).await,
             Command::Generate(args) => commands::generate::run(args).await,
             Command::ImportGguf(args) => commands::import::run(args),
+            Command::Bench(args) => loadgen::run(args.clone())
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
         }
     })
 }

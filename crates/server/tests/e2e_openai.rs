@@ -74,12 +74,20 @@ async fn start_server(max_batch_size: usize) -> Option<(String, String, PathBuf)
             "skipping: no default model at {} (run `cargo xtask setup`)",
             model_dir.display()
         );
+        assert!(
+            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
+            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
+        );
         return None;
     }
     let python_path = match openai_package() {
         Ok(p) => p,
         Err(why) => {
             eprintln!("skipping: {why}");
+            assert!(
+                std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
+                "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
+            );
             return None;
         }
     };

@@ -299,6 +299,10 @@ pub fn python_reference() -> Option<Command> {
             "SKIPPED: the Python reference is not installed; run \
              crates/backend-mlx/tests/oracle/install.sh (CI does)"
         );
+        assert!(
+            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
+            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
+        );
         return None;
     }
     let mut cmd = Command::new("python3");
