@@ -37,7 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
         Command::Serve(args) => serve::run(args),
-        Command::Setup(args) => setup::run(args),
+        Command::Setup(args) => setup::run(args).map(drop),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

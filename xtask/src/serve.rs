@@ -6,7 +6,7 @@
 
 use clap::Args;
 
-use crate::util::{cargo, run as run_step, workspace_root};
+use crate::util::{cargo, run as run_step};
 
 /// Options of `cargo xtask serve`.
 #[derive(Debug, Args)]
@@ -19,8 +19,9 @@ pub struct ServeArgs {
 /// Installs MLX and the default model if needed, then runs the server in
 /// the foreground until it is stopped (Ctrl-C).
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    crate::setup::run(crate::setup::SetupArgs { cuda: false })?;
-    let model = crate::model::ensure_default_model(&workspace_root())?;
+    // Setup ends by making sure the default model exists and returns its
+    // folder, so the model is checked once, not twice.
+    let model = crate::setup::run(crate::setup::SetupArgs { cuda: false })?;
     run_step(
         "serve",
         cargo()

@@ -78,8 +78,9 @@ pub struct SetupArgs {
     pub cuda: bool,
 }
 
-/// Installs everything `mlx-batch` needs; quick when nothing changed.
-pub fn run(args: SetupArgs) -> anyhow::Result<()> {
+/// Installs everything `mlx-batch` needs and returns the default model
+/// folder; quick when nothing changed.
+pub fn run(args: SetupArgs) -> anyhow::Result<PathBuf> {
     let root = crate::util::workspace_root();
     let mlx = root.join(".mlx");
     let wheel = choose_wheel(args.cuda);
@@ -105,8 +106,7 @@ pub fn run(args: SetupArgs) -> anyhow::Result<()> {
         );
     }
 
-    crate::model::ensure_default_model(&root)?;
-    Ok(())
+    crate::model::ensure_default_model(&root)
 }
 
 /// The Metal wheel on macOS; on Linux the CUDA wheel when asked for or when
