@@ -135,6 +135,13 @@ impl TestServer {
         (status, resp.json().await.unwrap())
     }
 
+    /// GETs `path` and returns its body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "GET {path}");
+        resp.text().await.unwrap()
+    }
+
     pub async fn health(&self) -> Value {
         self.get_json("/health").await.1
     }
