@@ -34,6 +34,22 @@ pub fn run() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
+    // The workspace build unifies features, so it always has the `mlx`
+    // feature on; this checks that the HTTP layer still builds without it,
+    // as the fuzz target needs.
+    run_step(
+        "clippy, the server without MLX",
+        cargo().args([
+            "clippy",
+            "--package",
+            "mlx-batch-fuzz",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     run_step(
         "tests",
         cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]),

@@ -9,13 +9,19 @@
 //! backend and a byte-level model, and the binary plugs in the real
 //! scheduler and tokenizer. A response owns its engine event stream, so a
 //! client that disconnects cancels its request by simply going away.
+//!
+//! The `mlx` feature (on by default) adds the MLX backend, the commands that
+//! load a model and the binary. Without it the crate is the HTTP layer alone,
+//! which is what the fuzz target in `fuzz/` builds.
 
 pub mod app;
 pub mod byte_model;
 pub mod cli;
+#[cfg(feature = "mlx")]
 pub mod commands;
 pub mod engine;
 pub mod generation;
+#[cfg(feature = "mlx")]
 pub mod mlx_text;
 pub mod openai;
 pub mod prepare;
