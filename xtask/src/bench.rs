@@ -263,14 +263,38 @@ fn has_package(dir: &Path, package: &str) -> bool {
     dir.join(package).join("__init__.py").is_file()
 }
 
-/// Installs `requirements` into `dir` with `pip install --target` unless
-/// `package` is already there.
-fn ensure_pip(
-    dir: &Path,
-    package: &str,
-    requirements: &[&str],
-    no_install: bool,
-) -> anyhow::Result<()> {
+/// What `pip install` builds and where.
+struct PipInstall<'a> {
+    /// The target folder.
+    dir: &'a Path,
+    /// The package that shows it is installed.
+    package: &'a str,
+    /// Requirement specifiers.
+    requirements: &'a [&'a str],
+    /// `CMAKE_ARGS` for a package built from source with CMake.
+    cmake_args: Option<String>,
+}
+
+/// The CMake options llama.cpp is built with on x86-64 unless `CMAKE_ARGS`
+/// is set.
+///
+/// The native build turns on llama.cpp's AMX kernels wherever the CPU
+/// advertises AMX; on the machine these figures come from (a VM whose
+/// kernel grants AMX permission) those kernels die with SIGILL at their first
+/// `tilezero`. Every other native instruction set (AVX-512 included) stays
+/// on. Set `CMAKE_ARGS` to build llama.cpp another way.
+const LLAMACPP_CMAKE_ARGS: &str = "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+     -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'";
+
+/// Installs `install.requirements` with `pip install --target` unless
+/// `install.package` is already there.
+fn ensure_pip(install: &PipInstall<'_>, no_install: bool) -> anyhow::Result<()> {
+    let PipInstall {
+        dir,
+        package,
+        requirements,
+        ..
+    } = *install;
     if has_package(dir, package) {
         return Ok(());
     }
@@ -281,10 +305,21 @@ fn ensure_pip(
         );
     }
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "install", "--quiet", "--target"])
-        .arg(dir)
-        .args(requirements)
-        .env("CMAKE_BUILD_PARALLEL_LEVEL", "2");
+    // No wheel cache: a cached wheel would ignore `CMAKE_ARGS`.
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-cache-dir",
+        "--target",
+    ])
+    .arg(dir)
+    .args(requirements)
+    .env("CMAKE_BUILD_PARALLEL_LEVEL", "2");
+    if let Some(cmake_args) = &install.cmake_args {
+        cmd.env("CMAKE_ARGS", cmake_args);
+    }
     run_step(&format!("installing {package}"), &mut cmd)
 }
 
@@ -324,9 +359,12 @@ fn prepare(
         Server::MlxLm => {
             let dir = root.join(".mlx").join("python");
             ensure_pip(
-                &dir,
-                "mlx_lm",
-                &["mlx-lm[cpu]==0.32.2", "mlx==0.32.2", "mlx-cpu==0.32.2"],
+                &PipInstall {
+                    dir: &dir,
+                    package: "mlx_lm",
+                    requirements: &["mlx-lm[cpu]==0.32.2", "mlx==0.32.2", "mlx-cpu==0.32.2"],
+                    cmake_args: None,
+                },
                 args.no_install,
             )?;
             let mut cmd = Command::new("python3");
@@ -345,9 +383,15 @@ fn prepare(
         Server::LlamaCpp => {
             let dir = root.join(".mlx").join("llamacpp");
             ensure_pip(
-                &dir,
-                "llama_cpp",
-                &["llama-cpp-python[server]==0.3.36"],
+                &PipInstall {
+                    dir: &dir,
+                    package: "llama_cpp",
+                    requirements: &["llama-cpp-python[server]==0.3.36"],
+                    // The AMX flags exist only on x86-64 compilers.
+                    cmake_args: std::env::var("CMAKE_ARGS").ok().or_else(|| {
+                        cfg!(target_arch = "x86_64").then(|| LLAMACPP_CMAKE_ARGS.to_owned())
+                    }),
+                },
                 args.no_install,
             )?;
             let gguf = find_gguf(root)?;
@@ -359,6 +403,10 @@ fn prepare(
                     "2",
                     "--n_ctx",
                     "4096",
+                    // By default a new request cuts off the one being
+                    // served; queue them instead, as a server should.
+                    "--interrupt_requests",
+                    "False",
                     "--host",
                     "127.0.0.1",
                     "--port",
