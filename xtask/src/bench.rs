@@ -192,6 +192,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let plan = Plan::new(args.quick);
+    let machine = machine_info(&root);
+    eprintln!("xtask: bench: machine: {machine}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -240,7 +242,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    write_report(&out_dir, &plan, args.quick, &measured, &skipped)
+    write_report(&Report {
+        out_dir: &out_dir,
+        plan: &plan,
+        quick: args.quick,
+        measured: &measured,
+        skipped: &skipped,
+        machine: &machine,
+    })
 }
 
 /// Finds the GGUF that setup extracted under `.models/download`.
@@ -574,8 +583,31 @@ fn ratio(ours: Option<f64>, peer: Option<f64>) -> String {
     }
 }
 
+/// Times a 2048x2048 f32 matmul through MLX and OpenBLAS, the operation
+/// that bounds mlx-batch and mlx-lm on a CPU, so that a reader can compare
+/// runs made on different days: the same machine has given anything from
+/// about 30 to about 460 GFLOP/s. `None` when Python MLX is not installed.
+fn gemm_gflops(root: &Path) -> Option<f64> {
+    const PROBE: &str = "import mlx.core as mx, time\n\
+        a = mx.random.normal((2048, 2048)); b = mx.random.normal((2048, 2048)); mx.eval(a, b)\n\
+        for _ in range(3): mx.eval(a @ b)\n\
+        t = time.perf_counter()\n\
+        for _ in range(10): mx.eval(a @ b)\n\
+        print(2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9)\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PROBE])
+        .env("PYTHONPATH", root.join(".mlx").join("python"))
+        .env_remove("OPENBLAS_CORETYPE")
+        .env_remove("OPENBLAS_L2_SIZE");
+    if let Some(blas) = openblas() {
+        cmd.env("LD_PRELOAD", blas);
+    }
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
 /// Machine facts for the report.
-fn machine_info() -> String {
+fn machine_info(root: &Path) -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -586,17 +618,32 @@ fn machine_info() -> String {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores (nproc), CPU: {cpu}")
+    let gemm =
+        gemm_gflops(root).map_or_else(|| "not measured".to_owned(), |g| format!("{g:.0} GFLOP/s"));
+    format!("{cores} cores (nproc), CPU: {cpu}, f32 GEMM 2048x2048 through OpenBLAS before the runs: {gemm}")
+}
+
+/// Everything the report is made from.
+struct Report<'a> {
+    out_dir: &'a Path,
+    plan: &'a Plan,
+    quick: bool,
+    measured: &'a BTreeMap<Server, Measured>,
+    skipped: &'a [(Server, String)],
+    /// [`machine_info`], taken before any server ran.
+    machine: &'a str,
 }
 
 /// Writes `README.md` and `comparison.png` into `out_dir`.
-fn write_report(
-    out_dir: &Path,
-    plan: &Plan,
-    quick: bool,
-    measured: &BTreeMap<Server, Measured>,
-    skipped: &[(Server, String)],
-) -> anyhow::Result<()> {
+fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
+    let Report {
+        out_dir,
+        plan,
+        quick,
+        measured,
+        skipped,
+        machine,
+    } = *report;
     let mut md = String::new();
     let commit = crate::util::output(
         "git commit",
@@ -609,7 +656,7 @@ fn write_report(
         md,
         "Made by `cargo xtask bench{}` at commit `{commit}`. Machine: {}.\n",
         if quick { " --quick" } else { "" },
-        machine_info()
+        machine
     );
     let _ = writeln!(
         md,
