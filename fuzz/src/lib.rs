@@ -9,8 +9,10 @@
 //! panic, a hang, a 5xx or an error that is not OpenAI-shaped.
 //!
 //! The harness is a library so that the committed seeds and every crash
-//! ever found are replayed by `cargo test` on stable Rust, in CI; the
-//! `cargo fuzz` target is one line over it.
+//! ever found are replayed by `cargo test -p mlx-batch-fuzz` on stable Rust
+//! (a step of `cargo xtask ci`); the `cargo fuzz` target is one line over
+//! it. Test it alone, not with `--workspace`: a workspace build turns on
+//! the server's `mlx` feature, and this crate sets no rpath to libmlx.
 //!
 //! Input layout: the first byte picks the route (bit 0) and whether the next
 //! bytes, up to a NUL, are an `x-priority` header (bit 1); the rest is the

@@ -8,6 +8,9 @@ use crate::util::{cargo, output, run as run_step};
 /// testable anywhere and never blocks on I/O.
 const CORE_CRATES: [&str; 3] = ["batching-types", "batching-queue", "batching-scheduler"];
 
+/// The fuzz harness, tested on its own (see [`run`]).
+const FUZZ_CRATE: &str = "mlx-batch-fuzz";
+
 /// Crates that bring MLX or HTTP with them.
 const FORBIDDEN_IN_CORE: [&str; 7] = [
     "mlx-rs",
@@ -34,15 +37,29 @@ pub fn run() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    // The workspace build unifies features, so it always has the `mlx`
-    // feature on; this checks that the HTTP layer still builds without it,
-    // as the fuzz target needs.
+    run_step(
+        "tests",
+        cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            FUZZ_CRATE,
+            "--locked",
+            "--no-fail-fast",
+        ]),
+    )?;
+    // A workspace build unifies features, so it always has the server's
+    // `mlx` feature on, and the fuzz harness's test binaries would need
+    // libmlx's rpath, which only crates that build binaries over MLX set.
+    // Built alone, the harness has the HTTP layer without MLX, as under
+    // `cargo fuzz`: this checks that it still builds that way and replays
+    // the seeds and every regression input.
     run_step(
         "clippy, the server without MLX",
         cargo().args([
             "clippy",
             "--package",
-            "mlx-batch-fuzz",
+            FUZZ_CRATE,
             "--all-targets",
             "--locked",
             "--",
@@ -51,8 +68,8 @@ pub fn run() -> anyhow::Result<()> {
         ]),
     )?;
     run_step(
-        "tests",
-        cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]),
+        "fuzz seeds and regressions, the server without MLX",
+        cargo().args(["test", "--package", FUZZ_CRATE, "--locked"]),
     )?;
     run_step(
         "docs",
