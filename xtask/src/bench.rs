@@ -780,7 +780,8 @@ fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "\n![throughput and latency against concurrency](comparison.png)\n\n\
-         Rerun: `cargo xtask setup && cargo xtask bench` (about 15-25 minutes on 2 cores; \
+         Rerun: `cargo xtask setup && cargo xtask bench` (about 30 minutes for mlx-batch and llama.cpp on \
+         2 cores; mlx-lm's 4-bit CPU path adds about an hour, each level capped at 15 minutes; \
          `--quick` for a few minutes, written to `bench-results/quick/`; `--servers mlx-lm` for one server). \
          Peers are installed on first use into `.mlx/python` (mlx-lm) and `.mlx/llamacpp` \
          (llama-cpp-python, built from source, several minutes). Raw per-request JSON and server logs \
