@@ -138,8 +138,12 @@ def check_high_priority_overtakes_low():
     marks = {}
     long_msgs = [[{"role": "user", "content": f"Tell a long story about dragon {i}."}] for i in range(10)]
     fns = []
+    # The running LOW requests have different lengths, so their slots free
+    # one step apart: the first free slot must go to HIGH. With equal
+    # lengths all slots free in one step, HIGH and the queued LOWs start
+    # together, and their first tokens arrive in no meaningful order.
     for i, m in enumerate(long_msgs):
-        fns.append(lambda m=m, i=i: stream_text(m, 24, "low", marks, f"low{i}"))
+        fns.append(lambda m=m, i=i: stream_text(m, 24 + 4 * i, "low", marks, f"low{i}"))
     threads = []
     # Fill the batch first, then queue more LOW work, then send HIGH.
     for f in fns[:8]:
