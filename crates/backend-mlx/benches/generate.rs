@@ -64,6 +64,8 @@ struct Decoder {
     ids: Vec<RequestId>,
     next: u64,
     plan: StepPlan,
+    /// Decode steps since the last restart, across `decode` calls.
+    steps_since_restart: u64,
 }
 
 impl Decoder {
@@ -80,6 +82,7 @@ impl Decoder {
             ids: Vec::new(),
             next: 0,
             plan: StepPlan::default(),
+            steps_since_restart: 0,
         };
         d.restart(batch);
         d
@@ -87,6 +90,7 @@ impl Decoder {
 
     /// Replaces every sequence with fresh ones, prefilled (untimed).
     fn restart(&mut self, batch: usize) {
+        self.steps_since_restart = 0;
         for id in self.ids.drain(..) {
             self.backend.release(id);
         }
@@ -119,17 +123,17 @@ impl Decoder {
     /// Runs `steps` decode steps and returns their total time.
     fn decode(&mut self, steps: u64) -> Duration {
         let mut total = Duration::ZERO;
-        let mut done = 0;
-        while done < steps {
-            // Keep contexts short and comparable across runs.
-            if self.backend.kv_allocated_bytes() > 0 && done > 0 && done % 512 == 0 {
+        for _ in 0..steps {
+            // Keep contexts short and comparable across runs: criterion
+            // calls this many times on the same sequences.
+            if self.steps_since_restart >= 512 {
                 let n = self.ids.len();
                 self.restart(n);
             }
             let start = Instant::now();
             self.backend.step(&self.plan).unwrap();
             total += start.elapsed();
-            done += 1;
+            self.steps_since_restart += 1;
         }
         total
     }
