@@ -192,6 +192,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let plan = Plan::new(args.quick);
+    // The GEMM probe runs on mlx-lm's MLX, so install it first when it is
+    // to be measured anyway; `prepare` reports a failure later.
+    if servers.contains(&Server::MlxLm) {
+        if let Err(e) = ensure_mlx_lm(&root, args.no_install) {
+            eprintln!("xtask: bench: mlx-lm is not installed: {e:#}");
+        }
+    }
     let machine = machine_info(&root);
     eprintln!("xtask: bench: machine: {machine}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -366,27 +373,11 @@ fn prepare(
             cmd
         }
         Server::MlxLm => {
-            let dir = root.join(".mlx").join("python");
-            ensure_pip(
-                &PipInstall {
-                    dir: &dir,
-                    package: "mlx_lm",
-                    requirements: &["mlx-lm[cpu]==0.32.2", "mlx==0.32.2", "mlx-cpu==0.32.2"],
-                    cmake_args: None,
-                },
-                args.no_install,
-            )?;
-            let mut cmd = Command::new("python3");
+            ensure_mlx_lm(root, args.no_install)?;
+            let mut cmd = mlx_python(root);
             cmd.args(["-m", "mlx_lm.server", "--model"])
                 .arg(model_dir)
-                .args(["--host", "127.0.0.1", "--port", &port])
-                .env("PYTHONPATH", &dir);
-            // mlx-lm on the CPU wheel batches only through OpenBLAS (see the
-            // project facts); preload it when the system has it, as our
-            // binary links it.
-            if let Some(blas) = openblas() {
-                cmd.env("LD_PRELOAD", blas);
-            }
+                .args(["--host", "127.0.0.1", "--port", &port]);
             cmd
         }
         Server::LlamaCpp => {
@@ -428,6 +419,42 @@ fn prepare(
     cmd.env_remove("OPENBLAS_CORETYPE")
         .env_remove("OPENBLAS_L2_SIZE");
     Ok(cmd)
+}
+
+/// Installs mlx-lm on the pinned MLX wheel into `.mlx/python`, unless it
+/// is there.
+fn ensure_mlx_lm(root: &Path, no_install: bool) -> anyhow::Result<()> {
+    let version = crate::setup::MLX_VERSION;
+    let requirements = [
+        format!("mlx-lm[cpu]=={version}"),
+        format!("mlx=={version}"),
+        format!("mlx-cpu=={version}"),
+    ];
+    let requirements: Vec<&str> = requirements.iter().map(String::as_str).collect();
+    ensure_pip(
+        &PipInstall {
+            dir: &root.join(".mlx").join("python"),
+            package: "mlx_lm",
+            requirements: &requirements,
+            cmake_args: None,
+        },
+        no_install,
+    )
+}
+
+/// `python3` over the MLX Python in `.mlx/python`, with OpenBLAS as it is
+/// for our binary: MLX's CPU wheel batches only through OpenBLAS (see the
+/// project facts), so it is preloaded when the system has it, and the two
+/// variables that slow it down are unset.
+fn mlx_python(root: &Path) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", root.join(".mlx").join("python"))
+        .env_remove("OPENBLAS_CORETYPE")
+        .env_remove("OPENBLAS_L2_SIZE");
+    if let Some(blas) = openblas() {
+        cmd.env("LD_PRELOAD", blas);
+    }
+    cmd
 }
 
 /// Debian's OpenBLAS, when installed.
@@ -594,15 +621,11 @@ fn gemm_gflops(root: &Path) -> Option<f64> {
         t = time.perf_counter()\n\
         for _ in range(10): mx.eval(a @ b)\n\
         print(2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9)\n";
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", PROBE])
-        .env("PYTHONPATH", root.join(".mlx").join("python"))
-        .env_remove("OPENBLAS_CORETYPE")
-        .env_remove("OPENBLAS_L2_SIZE");
-    if let Some(blas) = openblas() {
-        cmd.env("LD_PRELOAD", blas);
-    }
-    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    let out = mlx_python(root)
+        .args(["-c", PROBE])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
 
