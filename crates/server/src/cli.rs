@@ -137,14 +137,8 @@ pub struct Timeout(pub Option<Duration>);
 
 /// Parses "2GiB", "512MiB", "1.5GB", "1048576" into bytes.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 2GiB or 512MiB"))?;
+    let (value, unit) = number_and_unit(text.trim())
+        .ok_or_else(|| format!("{text:?} is not a size such as 2GiB or 512MiB"))?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -165,19 +159,23 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Splits "1.5GiB" into 1.5 and "GiB": the leading number and the rest.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    Some((number.parse().ok()?, unit))
+}
+
 /// Parses "30s", "500ms", "2m", "1h", a bare number of seconds, or "none".
 pub fn parse_timeout(text: &str) -> Result<Timeout, String> {
     let t = text.trim().to_ascii_lowercase();
     if t == "none" || t == "0" {
         return Ok(Timeout(None));
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 30s, 2m or none"))?;
+    let (value, unit) = number_and_unit(&t)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 2m or none"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,

@@ -19,9 +19,6 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    if let Command::ImportGguf(args) = &cli.command {
-        return commands::import::run(args);
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

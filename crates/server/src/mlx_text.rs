@@ -11,9 +11,11 @@ use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
 /// A model folder's text side.
 #[derive(Debug, Clone)]
 pub struct MlxTextModel {
-    id: String,
     info: ModelInfo,
     tokenizer: Tokenizer,
+    /// The tokenizer's end tokens, then the config's, without repeats:
+    /// merged once here, since every request asks for them.
+    eos_token_ids: Vec<u32>,
 }
 
 impl MlxTextModel {
@@ -23,10 +25,16 @@ impl MlxTextModel {
             .with_context(|| format!("reading the model config in {}", dir.display()))?;
         let tokenizer = Tokenizer::from_model_dir(dir)
             .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+        let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
+        for id in &info.eos_token_ids {
+            if !eos_token_ids.contains(id) {
+                eos_token_ids.push(*id);
+            }
+        }
         Ok(Self {
-            id: info.name.clone(),
             info,
             tokenizer,
+            eos_token_ids,
         })
     }
 
@@ -38,7 +46,7 @@ impl MlxTextModel {
 
 impl TextModel for MlxTextModel {
     fn id(&self) -> &str {
-        &self.id
+        &self.info.name
     }
 
     fn max_context(&self) -> usize {
@@ -51,13 +59,7 @@ impl TextModel for MlxTextModel {
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
-        let mut ids = self.tokenizer.eos_token_ids().to_vec();
-        for id in &self.info.eos_token_ids {
-            if !ids.contains(id) {
-                ids.push(*id);
-            }
-        }
-        ids
+        self.eos_token_ids.clone()
     }
 
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {

@@ -417,26 +417,16 @@ async fn oversized_bodies_are_refused_with_413() {
     assert_eq!(status, 200);
 }
 
-/// Waits until `n` requests are waiting in the queue.
-async fn wait_waiting(s: &TestServer, n: u64) {
+/// Waits until `/health` reports `n` requests in `field` of the engine
+/// ("waiting" in the queue, "running" holding KV blocks).
+async fn wait_engine(s: &TestServer, field: &str, n: u64) {
     for _ in 0..400 {
-        if s.health().await["engine"]["waiting"].as_u64() == Some(n) {
+        if s.health().await["engine"][field].as_u64() == Some(n) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("never saw {n} waiting: {}", s.health().await);
-}
-
-/// Waits until `n` requests hold KV blocks.
-async fn wait_running(s: &TestServer, n: u64) {
-    for _ in 0..400 {
-        if s.health().await["engine"]["running"].as_u64() == Some(n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("never saw {n} running: {}", s.health().await);
+    panic!("never saw {n} {field}: {}", s.health().await);
 }
 
 #[tokio::test]
@@ -458,7 +448,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
                 .await
         })
     };
-    wait_waiting(&s, 1).await;
+    wait_engine(&s, "waiting", 1).await;
     let (status, headers, err) = s
         .post(
             "/v1/completions",
@@ -563,11 +553,11 @@ async fn a_high_priority_request_overtakes_queued_low_ones() {
     let mut long_low = low("running");
     long_low["max_tokens"] = json!(200);
     let running = first_token_at(long_low, None);
-    wait_running(&s, 1).await;
+    wait_engine(&s, "running", 1).await;
     let queued: Vec<_> = (0..3)
         .map(|i| first_token_at(low(&format!("low {i}")), None))
         .collect();
-    wait_waiting(&s, 3).await;
+    wait_engine(&s, "waiting", 3).await;
     let high = first_token_at(
         json!({"model": MODEL, "prompt": "high", "max_tokens": 30, "stream": true}),
         Some("high"),

@@ -105,22 +105,19 @@ impl LlamaModel {
             let v = attn("v_proj", kv_out, c.attention_bias)?;
             let gate = mlp("gate_proj", hidden, inter)?;
             let up = mlp("up_proj", hidden, inter)?;
-            let qkv =
-                Linear::fuse(&[q, k, v])
+            // Fusing needs one quantization for all parts; the error names
+            // the first part's tensor.
+            let fuse = |parts: &[Linear], first: &str, what: &str| {
+                Linear::fuse(parts)
                     .map_err(mlx)?
                     .ok_or_else(|| BackendError::Weights {
                         file: Default::default(),
-                        tensor: format!("{p}.self_attn.q_proj"),
-                        message: "q, k and v must share one quantization".into(),
-                    })?;
-            let gate_up =
-                Linear::fuse(&[gate, up])
-                    .map_err(mlx)?
-                    .ok_or_else(|| BackendError::Weights {
-                        file: Default::default(),
-                        tensor: format!("{p}.mlp.gate_proj"),
-                        message: "gate and up must share one quantization".into(),
-                    })?;
+                        tensor: format!("{p}.{first}"),
+                        message: format!("{what} must share one quantization"),
+                    })
+            };
+            let qkv = fuse(&[q, k, v], "self_attn.q_proj", "q, k and v")?;
+            let gate_up = fuse(&[gate, up], "mlp.gate_proj", "gate and up")?;
             blocks.push(Block {
                 input_norm: store.float(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 post_attention_norm: store

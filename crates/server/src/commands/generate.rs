@@ -39,9 +39,10 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         args.prompt.clone()
     };
     let tokens = model.encode(&prompt)?;
+    let prompt_tokens = tokens.len();
     let request = NewRequest {
         model_id: model.id().to_owned(),
-        prompt_tokens: tokens.clone(),
+        prompt_tokens: tokens,
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -61,7 +62,7 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             decoder: model.decoder(),
             stop: Vec::new(),
             eos_token_ids: model.eos_token_ids(),
-            prompt_tokens: tokens.len(),
+            prompt_tokens,
         },
     );
     let mut out = std::io::stdout();
