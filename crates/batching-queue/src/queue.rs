@@ -203,6 +203,13 @@ impl<T: QueueItem, C: Clock> PriorityQueueWithAging<T, C> {
             .map(|(_, item)| f(item))
     }
 
+    /// Looks at the first `n` items in service order without removing
+    /// them (O(log n + n)), for example to compare the most urgent waiting
+    /// requests with running ones. `f` runs under the queue's lock.
+    pub fn peek_n_with<R>(&self, n: usize, mut f: impl FnMut(&T) -> R) -> Vec<R> {
+        self.lock().by_order.values().take(n).map(&mut f).collect()
+    }
+
     /// Takes out the item with this id (a cancelled request), if queued.
     pub fn remove(&self, id: RequestId) -> Option<T> {
         let mut state = self.lock();

@@ -151,6 +151,22 @@ fn peek_shows_the_head_without_removing_it() {
 }
 
 #[test]
+fn peek_n_lists_the_first_items_in_service_order_without_removing_them() {
+    let (q, clock) = queue(0.1);
+    q.try_put(Item::new(1, Low)).unwrap();
+    clock.advance(secs(30));
+    // Item 1 has aged past anything new: 2 - 3 < 0.
+    for (id, p) in [(2, Normal), (3, High), (4, Low)] {
+        q.try_put(Item::new(id, p)).unwrap();
+    }
+    assert_eq!(q.peek_n_with(3, |i| i.id), vec![1, 3, 2]);
+    assert_eq!(q.peek_n_with(10, |i| i.id), vec![1, 3, 2, 4]);
+    assert!(q.peek_n_with(0, |i| i.id).is_empty());
+    assert_eq!(q.qsize(), 4);
+    assert_eq!(drain_ids(&q), vec![1, 3, 2, 4]);
+}
+
+#[test]
 fn remove_takes_out_exactly_that_item() {
     let (q, _clock) = queue(0.1);
     for (id, p) in [(1, High), (2, Normal), (3, Low)] {

@@ -42,6 +42,20 @@ pub struct SchedulerConfig {
     pub max_step_retries: u32,
     /// Refuse or truncate requests longer than the model's context.
     pub context_overflow: ContextOverflow,
+    /// Whether a waiting request that outranks a running one may take its
+    /// place in a full batch (pausing it), and may drop the caches of less
+    /// urgent requests to get KV blocks. Off, a waiting request only enters
+    /// when a slot and blocks free up by themselves.
+    pub preemption: bool,
+    /// How many times a request may be taken out of the batch for urgency
+    /// before it becomes unpreemptible, so that no request is pushed back
+    /// without end.
+    pub max_preemptions: u32,
+    /// The most prompt tokens one request feeds in a step, so that a long
+    /// prompt leaves budget for others to be admitted beside it (vLLM's
+    /// `long_prefill_token_threshold`). Values above `max_batch_tokens`
+    /// act as `max_batch_tokens`.
+    pub max_prefill_chunk: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +69,9 @@ impl Default for SchedulerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_step_retries: 1,
             context_overflow: ContextOverflow::Refuse,
+            preemption: true,
+            max_preemptions: 2,
+            max_prefill_chunk: 128,
         }
     }
 }
@@ -77,6 +94,9 @@ impl SchedulerConfig {
         }
         if self.max_queue == Some(0) {
             return invalid("max_queue must be at least 1 (or None for unbounded)".into());
+        }
+        if self.max_prefill_chunk == 0 {
+            return invalid("max_prefill_chunk must be at least 1".into());
         }
         if !self.aging_rate.is_finite() || self.aging_rate < 0.0 {
             return invalid(format!(
@@ -124,6 +144,13 @@ mod tests {
                     ..Default::default()
                 },
                 "max_queue",
+            ),
+            (
+                SchedulerConfig {
+                    max_prefill_chunk: 0,
+                    ..Default::default()
+                },
+                "max_prefill_chunk",
             ),
             (
                 SchedulerConfig {

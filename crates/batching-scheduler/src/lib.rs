@@ -32,6 +32,7 @@
 //! finish event, including at shutdown and if the engine thread dies.
 
 mod blocks;
+pub mod bound;
 mod config;
 mod engine;
 mod error;
@@ -41,6 +42,7 @@ mod shared;
 mod trace;
 
 pub use blocks::BlockAllocator;
+pub use bound::{WaitBound, WaitBoundInputs};
 pub use config::{ContextOverflow, SchedulerConfig};
 pub use engine::Engine;
 pub use error::SchedulerError;

@@ -12,10 +12,16 @@ pub const QUEUE_TIME: &str = "mlx_batch_queue_time_seconds";
 pub const TIME_TO_FIRST_TOKEN: &str = "mlx_batch_time_to_first_token_seconds";
 /// Histogram: seconds between consecutive tokens of a request, by priority.
 pub const INTER_TOKEN_LATENCY: &str = "mlx_batch_inter_token_latency_seconds";
-/// Gauge: requests holding KV blocks (prefilling or decoding).
+/// Gauge: requests in the batch (prefilling or decoding).
 pub const RUNNING: &str = "mlx_batch_running_requests";
-/// Gauge: requests in the waiting queue.
+/// Gauge: requests in the waiting queue without a cache.
 pub const WAITING: &str = "mlx_batch_waiting_requests";
+/// Gauge: requests paused for more urgent work (queued, keeping their
+/// KV cache).
+pub const PAUSED: &str = "mlx_batch_paused_requests";
+/// Histogram: seconds a request spent paused before it resumed, by
+/// priority.
+pub const PAUSE_TIME: &str = "mlx_batch_pause_time_seconds";
 /// Histogram: sequences per step.
 pub const BATCH_SIZE: &str = "mlx_batch_batch_size";
 /// Histogram: tokens fed per step.
@@ -24,7 +30,10 @@ pub const BATCH_TOKENS: &str = "mlx_batch_batch_tokens";
 pub const KV_BLOCKS_USED: &str = "mlx_batch_kv_blocks_used";
 /// Gauge: KV blocks free.
 pub const KV_BLOCKS_FREE: &str = "mlx_batch_kv_blocks_free";
-/// Counter: requests preempted for lack of KV blocks.
+/// Counter: requests taken out of the batch, by `reason`: `priority`
+/// (paused for a more urgent request, cache kept), `memory` (cache dropped
+/// for lack of KV blocks, recomputed later) or `retry` (re-queued after a
+/// failed step).
 pub const PREEMPTIONS: &str = "mlx_batch_preemptions_total";
 /// Counter: requests cancelled (client gone or shutdown).
 pub const CANCELLATIONS: &str = "mlx_batch_cancellations_total";
@@ -38,12 +47,14 @@ pub const STEPS: &str = "mlx_batch_steps_total";
 pub const REQUESTS_FINISHED: &str = "mlx_batch_requests_finished_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     QUEUE_TIME,
     TIME_TO_FIRST_TOKEN,
     INTER_TOKEN_LATENCY,
     RUNNING,
     WAITING,
+    PAUSED,
+    PAUSE_TIME,
     BATCH_SIZE,
     BATCH_TOKENS,
     KV_BLOCKS_USED,
@@ -64,12 +75,14 @@ pub(crate) struct Hot {
     pub(crate) queue_time: [::metrics::Histogram; 3],
     pub(crate) ttft: [::metrics::Histogram; 3],
     pub(crate) itl: [::metrics::Histogram; 3],
+    pub(crate) pause_time: [::metrics::Histogram; 3],
     pub(crate) tokens: ::metrics::Counter,
     pub(crate) steps: ::metrics::Counter,
     pub(crate) batch_size: ::metrics::Histogram,
     pub(crate) batch_tokens: ::metrics::Histogram,
     pub(crate) running: ::metrics::Gauge,
     pub(crate) waiting: ::metrics::Gauge,
+    pub(crate) paused: ::metrics::Gauge,
     pub(crate) blocks_used: ::metrics::Gauge,
     pub(crate) blocks_free: ::metrics::Gauge,
 }
@@ -84,12 +97,14 @@ impl Hot {
             queue_time: by_priority(QUEUE_TIME),
             ttft: by_priority(TIME_TO_FIRST_TOKEN),
             itl: by_priority(INTER_TOKEN_LATENCY),
+            pause_time: by_priority(PAUSE_TIME),
             tokens: ::metrics::counter!(TOKENS_GENERATED),
             steps: ::metrics::counter!(STEPS),
             batch_size: ::metrics::histogram!(BATCH_SIZE),
             batch_tokens: ::metrics::histogram!(BATCH_TOKENS),
             running: ::metrics::gauge!(RUNNING),
             waiting: ::metrics::gauge!(WAITING),
+            paused: ::metrics::gauge!(PAUSED),
             blocks_used: ::metrics::gauge!(KV_BLOCKS_USED),
             blocks_free: ::metrics::gauge!(KV_BLOCKS_FREE),
         }

@@ -17,10 +17,12 @@ pub struct EngineHealth {
     pub alive: bool,
     /// Shutdown has begun.
     pub shutting_down: bool,
-    /// Requests holding KV blocks, as of the last step.
+    /// Requests in the batch (prefilling or decoding), as of the last step.
     pub running: usize,
-    /// Requests waiting in the queue, as of the last step.
+    /// Requests waiting in the queue without a cache, as of the last step.
     pub waiting: usize,
+    /// Requests paused for more urgent work: queued, keeping their cache.
+    pub paused: usize,
     /// Submitted requests not yet admitted for the first time (including
     /// those not yet seen by the engine loop).
     pub pending: usize,
@@ -57,6 +59,7 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) running: AtomicUsize,
     pub(crate) waiting: AtomicUsize,
+    pub(crate) paused: AtomicUsize,
     pub(crate) blocks_used: AtomicUsize,
     pub(crate) blocks_free: AtomicUsize,
     pub(crate) steps: AtomicU64,
@@ -74,6 +77,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            paused: AtomicUsize::new(0),
             blocks_used: AtomicUsize::new(0),
             blocks_free: AtomicUsize::new(limits.total_blocks),
             steps: AtomicU64::new(0),
@@ -163,6 +167,7 @@ impl Shared {
             shutting_down: self.shutting_down.load(Ordering::Acquire),
             running: self.running.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
+            paused: self.paused.load(Ordering::Relaxed),
             pending: self.pending.load(Ordering::Relaxed),
             kv_blocks_used: self.blocks_used.load(Ordering::Relaxed),
             kv_blocks_free: self.blocks_free.load(Ordering::Relaxed),

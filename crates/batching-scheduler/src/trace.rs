@@ -14,9 +14,14 @@ pub struct StepTrace {
     pub items: Vec<StepItem>,
     /// Requests taken from the queue into the batch in this step.
     pub admitted: Vec<RequestId>,
-    /// Requests put back in the queue (for lack of KV blocks, or after a
-    /// failed step).
+    /// Requests whose cache was dropped (for lack of KV blocks, or after a
+    /// failed step); they resume by recomputation.
     pub preempted: Vec<RequestId>,
+    /// Requests taken out of the batch for a more urgent one, keeping
+    /// their cache.
+    pub paused: Vec<RequestId>,
+    /// Paused requests that came back into the batch in this step.
+    pub resumed: Vec<RequestId>,
     /// Requests that ended in this step, with why.
     pub finished: Vec<(RequestId, FinishReason)>,
     /// Tokens delivered in this step, in plan order.
@@ -29,8 +34,10 @@ pub struct StepTrace {
     pub blocks_free: usize,
     /// Requests holding KV blocks after the step.
     pub running: usize,
-    /// Requests in the queue after the step.
+    /// Requests in the queue after the step, paused ones not counted.
     pub waiting: usize,
+    /// Paused requests after the step.
+    pub paused_now: usize,
 }
 
 impl StepTrace {
@@ -59,7 +66,7 @@ fn ids(f: &mut fmt::Formatter<'_>, label: &str, ids: &[RequestId]) -> fmt::Resul
 }
 
 /// One line per step, for snapshots: `#3 plan[1:D 2:P16] admit[2]
-/// done[1:length] kv 5/11 run 2 wait 1`.
+/// pause[4] done[1:length] kv 5/11 run 2 wait 1 paused 1`.
 impl fmt::Display for StepTrace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{} plan[", self.step)?;
@@ -72,6 +79,8 @@ impl fmt::Display for StepTrace {
         }
         f.write_str("]")?;
         ids(f, "admit", &self.admitted)?;
+        ids(f, "pause", &self.paused)?;
+        ids(f, "resume", &self.resumed)?;
         ids(f, "preempt", &self.preempted)?;
         if !self.finished.is_empty() {
             f.write_str(" done[")?;
@@ -91,6 +100,10 @@ impl fmt::Display for StepTrace {
             self.blocks_used + self.blocks_free,
             self.running,
             self.waiting
-        )
+        )?;
+        if self.paused_now > 0 {
+            write!(f, " paused {}", self.paused_now)?;
+        }
+        Ok(())
     }
 }

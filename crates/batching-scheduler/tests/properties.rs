@@ -54,6 +54,9 @@ struct Setup {
     extra_kv: usize,
     stop: bool,
     fail_steps: Vec<usize>,
+    preemption: bool,
+    max_preemptions: u32,
+    max_prefill_chunk: usize,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -64,15 +67,27 @@ fn setup() -> impl Strategy<Value = Setup> {
         0usize..120,
         any::<bool>(),
         prop::collection::vec(0usize..60, 0..3),
+        (any::<bool>(), 0u32..4, 1usize..48),
     )
         .prop_map(
-            |(max_batch_size, extra_tokens, block_size, extra_kv, stop, fail_steps)| Setup {
+            |(
                 max_batch_size,
                 extra_tokens,
                 block_size,
                 extra_kv,
                 stop,
                 fail_steps,
+                (preemption, max_preemptions, max_prefill_chunk),
+            )| Setup {
+                max_batch_size,
+                extra_tokens,
+                block_size,
+                extra_kv,
+                stop,
+                fail_steps,
+                preemption,
+                max_preemptions,
+                max_prefill_chunk,
             },
         )
 }
@@ -106,6 +121,9 @@ proptest! {
             max_batch_tokens: setup.max_batch_size + setup.extra_tokens,
             block_size: setup.block_size,
             max_queue: None,
+            preemption: setup.preemption,
+            max_preemptions: setup.max_preemptions,
+            max_prefill_chunk: setup.max_prefill_chunk,
             ..SchedulerConfig::default()
         };
         let total_blocks = kv_tokens / setup.block_size;
@@ -146,6 +164,11 @@ proptest! {
             prop_assert!(t.num_tokens() <= config.max_batch_tokens, "{}", t);
             prop_assert_eq!(t.blocks_used + t.blocks_free, total_blocks);
             prop_assert!(t.running <= config.max_batch_size, "{}", t);
+            for item in &t.items {
+                if let batching_types::WorkKind::Prefill { len } = item.kind {
+                    prop_assert!(len <= config.max_prefill_chunk, "{}", t);
+                }
+            }
             step += 1;
             prop_assert!(step < 5000, "no progress");
         }
@@ -154,7 +177,7 @@ proptest! {
         prop_assert_eq!(stats.live_sequences, 0);
         prop_assert_eq!(stats.kv_in_use, 0);
         let health = engine.health();
-        prop_assert_eq!((health.kv_blocks_used, health.running, health.waiting, health.pending), (0, 0, 0, 0));
+        prop_assert_eq!((health.kv_blocks_used, health.running, health.waiting, health.paused, health.pending), (0, 0, 0, 0, 0));
         for (s, rx) in specs.iter().zip(streams.iter_mut()) {
             let rx = rx.as_mut().unwrap();
             let prompt: Vec<u32> = (0..s.prompt_len as u32).map(|t| t * 7 + 1).collect();

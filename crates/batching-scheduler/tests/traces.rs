@@ -143,10 +143,11 @@ fn a_request_waiting_past_its_deadline_times_out() {
     let (_, mut late) = e
         .submit(batching_types::NewRequest {
             deadline: Some(deadline),
-            ..request(2, 2, Priority::High)
+            ..request(2, 2, Priority::Normal)
         })
         .unwrap();
-    // The batch of one is busy; HIGH waits behind the running request.
+    // The batch of one is busy with a request of the same priority, which
+    // the newcomer does not outrank, so it waits until its deadline.
     lines.extend(run_to_idle(&mut e, 40));
     insta::assert_snapshot!(lines.join("\n"));
     let events = drain(&mut late);
@@ -294,4 +295,162 @@ fn shutdown_cancels_waiting_requests_and_running_ones_after_the_grace_period() {
     let (tokens, reason) = tokens_and_finish(&drain(&mut running));
     assert_eq!(reason, FinishReason::Cancelled);
     assert!(tokens.len() > 1 && tokens.len() < 100);
+}
+
+#[test]
+fn a_high_request_overtakes_a_full_batch_and_the_paused_request_resumes_without_gaps() {
+    // Two LOW requests fill a batch of two; HIGH arrives while they decode.
+    let (mut e, _clock) = engine(small(2, 16, 4), 256);
+    let (_, mut rx1) = e.submit(request(4, 8, Priority::Low)).unwrap();
+    let (low2, mut rx2) = e.submit(request(6, 10, Priority::Low)).unwrap();
+    let mut lines = vec![e.step().to_string(), e.step().to_string()];
+    let (high, mut rxh) = e.submit(request(3, 3, Priority::High)).unwrap();
+    let overtaking = e.step();
+    // Within one step HIGH is in the batch, in place of the newest LOW.
+    assert_eq!(ids(&overtaking.admitted), vec![high.0]);
+    assert_eq!(ids(&overtaking.paused), vec![low2.0]);
+    lines.push(overtaking.to_string());
+    lines.extend(run_to_idle(&mut e, 60));
+    insta::assert_snapshot!(lines.join("\n"));
+    for (rx, prompt, n) in [(&mut rx1, 4, 8), (&mut rx2, 6, 10), (&mut rxh, 3, 3)] {
+        let prompt: Vec<u32> = (1..=prompt).collect();
+        assert_eq!(
+            tokens_and_finish(&drain(rx)),
+            (
+                expected_tokens(&prompt, None, n, 1000, None),
+                FinishReason::Length
+            )
+        );
+    }
+    // Paused, not recomputed: every request was added once and its prompt
+    // fed once.
+    let stats = e.backend().control().stats();
+    assert_eq!(stats.added, 3);
+    assert_eq!(stats.prefill_tokens, 4 + 6 + 3);
+    assert_eq!(e.health().kv_blocks_used, 0);
+}
+
+#[test]
+fn a_request_aged_past_high_is_not_preempted_and_the_limit_makes_one_unpreemptible() {
+    // Aging 1/s: a LOW request queued more than 2 s ago outranks any new
+    // HIGH one, so HIGH waits for its slot.
+    let config = SchedulerConfig {
+        aging_rate: 1.0,
+        ..small(1, 16, 4)
+    };
+    let (mut e, clock) = engine(config.clone(), 256);
+    let (_, mut low) = e.submit(request(4, 40, Priority::Low)).unwrap();
+    e.step();
+    clock.advance(Duration::from_millis(2100));
+    let (_, mut high) = e.submit(request(2, 2, Priority::High)).unwrap();
+    let t = e.step();
+    assert!(t.paused.is_empty() && t.admitted.is_empty(), "{t}");
+    run_to_idle(&mut e, 100);
+    assert_eq!(tokens_and_finish(&drain(&mut low)).0.len(), 40);
+    assert_eq!(tokens_and_finish(&drain(&mut high)).0.len(), 2);
+
+    // With a limit of one, the first HIGH pauses the LOW request, and the
+    // second, arriving after it resumed, does not.
+    let config = SchedulerConfig {
+        max_preemptions: 1,
+        ..small(1, 16, 4)
+    };
+    let (mut e, _clock) = engine(config, 256);
+    let (low, mut rx) = e.submit(request(4, 30, Priority::Low)).unwrap();
+    e.step();
+    let (_, mut h1) = e.submit(request(2, 2, Priority::High)).unwrap();
+    let mut lines = vec![e.step().to_string()];
+    loop {
+        let t = e.step();
+        lines.push(t.to_string());
+        if t.resumed.contains(&low) {
+            break;
+        }
+        assert!(lines.len() < 20, "LOW never resumed");
+    }
+    let (_, mut h2) = e.submit(request(2, 2, Priority::High)).unwrap();
+    let t = e.step();
+    assert!(t.paused.is_empty(), "the limit was reached: {t}");
+    lines.push(t.to_string());
+    lines.extend(run_to_idle(&mut e, 100));
+    insta::assert_snapshot!(lines.join("\n"));
+    assert_eq!(tokens_and_finish(&drain(&mut rx)).0.len(), 30);
+    assert_eq!(tokens_and_finish(&drain(&mut h1)).0.len(), 2);
+    assert_eq!(tokens_and_finish(&drain(&mut h2)).0.len(), 2);
+}
+
+#[test]
+fn without_preemption_high_waits_for_a_free_slot() {
+    let config = SchedulerConfig {
+        preemption: false,
+        ..small(1, 16, 4)
+    };
+    let (mut e, _clock) = engine(config, 256);
+    let (low, _rx) = e.submit(request(4, 5, Priority::Low)).unwrap();
+    e.step();
+    let (high, _h) = e.submit(request(2, 2, Priority::High)).unwrap();
+    let mut admitted_after = None;
+    for n in 1..20 {
+        let t = e.step();
+        assert!(t.paused.is_empty(), "{t}");
+        if t.admitted.contains(&high) {
+            admitted_after = Some(n);
+            assert!(t.finished.is_empty() || t.finished.iter().all(|f| f.0 != low));
+            break;
+        }
+    }
+    assert_eq!(admitted_after, Some(5), "after LOW's five tokens");
+}
+
+#[test]
+fn high_needing_blocks_held_by_low_work_drops_their_caches_which_are_recomputed() {
+    // 8 blocks of 4 tokens: two LOW requests of 12 prompt tokens take 6.
+    // HIGH needs 4, so one LOW cache is dropped; the batch has a free slot,
+    // so nobody is paused.
+    let (mut e, _clock) = engine(small(3, 32, 4), 32);
+    let (_, mut l1) = e.submit(request(12, 4, Priority::Low)).unwrap();
+    let (low2, mut l2) = e.submit(request(12, 4, Priority::Low)).unwrap();
+    let mut lines = vec![e.step().to_string()];
+    let (_, mut h) = e.submit(request(16, 2, Priority::High)).unwrap();
+    let t = e.step();
+    assert_eq!(ids(&t.preempted), vec![low2.0], "{t}");
+    lines.push(t.to_string());
+    lines.extend(run_to_idle(&mut e, 60));
+    insta::assert_snapshot!(lines.join("\n"));
+    for (rx, prompt, n) in [(&mut l1, 12, 4), (&mut l2, 12, 4), (&mut h, 16, 2)] {
+        let prompt: Vec<u32> = (1..=prompt).collect();
+        assert_eq!(
+            tokens_and_finish(&drain(rx)).0,
+            expected_tokens(&prompt, None, n, 1000, None)
+        );
+    }
+    assert_eq!(
+        e.backend().control().stats().violations,
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn short_requests_start_beside_a_long_prompt_whose_chunks_are_capped() {
+    let config = SchedulerConfig {
+        max_prefill_chunk: 8,
+        ..small(4, 16, 4)
+    };
+    let (mut e, _clock) = engine(config, 512);
+    let (_, mut long) = e.submit(request(40, 2, Priority::Normal)).unwrap();
+    let mut lines = vec![e.step().to_string()];
+    let mut shorts = vec![];
+    for _ in 0..2 {
+        shorts.push(e.submit(request(3, 2, Priority::Normal)).unwrap());
+    }
+    let t = e.step();
+    // Both short prompts start beside the long prompt's next chunk.
+    assert_eq!(t.admitted.len(), 2, "{t}");
+    lines.push(t.to_string());
+    lines.extend(run_to_idle(&mut e, 40));
+    insta::assert_snapshot!(lines.join("\n"));
+    assert_eq!(tokens_and_finish(&drain(&mut long)).0.len(), 2);
+    for (_, rx) in &mut shorts {
+        assert_eq!(tokens_and_finish(&drain(rx)).0.len(), 2);
+    }
 }

@@ -100,6 +100,13 @@ pub struct StepOutput {
 /// past the context that was added; the sum of all sequences' context plus
 /// generated tokens never exceeds [`BackendCapacity::kv_tokens`]; a released
 /// sequence is never named again unless it is added anew.
+///
+/// A registered sequence that a plan does not name keeps its cache as it
+/// is: this is how the scheduler *pauses* a request for a more urgent one.
+/// When a later plan names it again, it continues exactly where it stopped
+/// (the next prefill chunk, or a decode of its last sampled token), with no
+/// recomputation. Paused sequences count against `kv_tokens` like running
+/// ones.
 pub trait Backend {
     /// A failure of the whole backend or of a whole step.
     type Error: std::error::Error + Send + Sync + 'static;

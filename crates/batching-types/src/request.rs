@@ -66,10 +66,14 @@ pub struct BatchRequest {
     pub enqueued_at: Option<Instant>,
     /// A request still waiting at this instant ends with a timeout.
     pub deadline: Option<Instant>,
-    /// The KV blocks assigned to it, in order; empty while waiting.
+    /// The KV blocks assigned to it, in order; empty while waiting (a
+    /// paused request keeps its own).
     pub block_table: Vec<u32>,
     /// How to pick tokens.
     pub sampling: SamplingParams,
+    /// How many times it has been taken out of the batch (paused or
+    /// preempted); the scheduler stops preempting it for urgency at a limit.
+    pub preemptions: u32,
 }
 
 impl BatchRequest {
@@ -97,6 +101,7 @@ impl BatchRequest {
             deadline: spec.deadline,
             block_table: Vec::new(),
             sampling: spec.sampling,
+            preemptions: 0,
         })
     }
 

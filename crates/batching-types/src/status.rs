@@ -8,10 +8,16 @@ use crate::TypesError;
 ///
 /// ```text
 /// WAITING -> PREFILLING -> RUNNING -> COMPLETED
+///    ^            |  ^        |  ^
+///    |            v  |        v  |
+///    +--------- PAUSED <------+--+   (preemption for urgency keeps the cache)
 ///    ^            |           |
-///    +------------+-----------+   (preemption puts a request back)
+///    +------------+-----------+      (preemption for memory drops it)
 /// any non-terminal state -> CANCELLED
 /// ```
+///
+/// PAUSED comes back to the state it left (PREFILLING or RUNNING), or falls
+/// to WAITING when its cache has to be dropped for memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestStatus {
     /// Queued, holding no KV blocks.
@@ -20,6 +26,10 @@ pub enum RequestStatus {
     Prefilling,
     /// Decoding one token per step.
     Running,
+    /// Taken out of the batch for a more urgent request; it keeps its KV
+    /// blocks and its backend cache and waits in the queue to resume where
+    /// it stopped.
+    Paused,
     /// Finished normally (stop token, max tokens, context length).
     Completed,
     /// Ended early: the client left, a deadline passed, or an error occurred.
@@ -39,6 +49,10 @@ impl RequestStatus {
             (Waiting, Prefilling) | (Prefilling, Running) | (Running, Completed) => true,
             // Preemption: the request gives its blocks back and is recomputed later.
             (Prefilling, Waiting) | (Running, Waiting) => true,
+            // Pausing keeps the cache; resuming returns to where it left, and
+            // a paused cache dropped for memory leaves the request waiting.
+            (Prefilling, Paused) | (Running, Paused) => true,
+            (Paused, Prefilling) | (Paused, Running) | (Paused, Waiting) => true,
             (from, Cancelled) => !from.is_terminal(),
             _ => false,
         }
@@ -59,6 +73,7 @@ impl RequestStatus {
             Self::Waiting => "waiting",
             Self::Prefilling => "prefilling",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
         }
@@ -75,7 +90,7 @@ impl fmt::Display for RequestStatus {
 mod tests {
     use super::RequestStatus::{self, *};
 
-    const ALL: [RequestStatus; 5] = [Waiting, Prefilling, Running, Completed, Cancelled];
+    const ALL: [RequestStatus; 6] = [Waiting, Prefilling, Running, Paused, Completed, Cancelled];
 
     #[test]
     fn the_happy_path_is_allowed() {
@@ -91,8 +106,19 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_request_resumes_where_it_left_or_drops_to_waiting() {
+        assert_eq!(Running.transition(Paused), Ok(Paused));
+        assert_eq!(Prefilling.transition(Paused), Ok(Paused));
+        assert_eq!(Paused.transition(Running), Ok(Running));
+        assert_eq!(Paused.transition(Prefilling), Ok(Prefilling));
+        assert_eq!(Paused.transition(Waiting), Ok(Waiting));
+        assert!(Waiting.transition(Paused).is_err(), "nothing to pause");
+        assert!(Paused.transition(Completed).is_err(), "it must run to end");
+    }
+
+    #[test]
     fn every_non_terminal_state_can_be_cancelled() {
-        for s in [Waiting, Prefilling, Running] {
+        for s in [Waiting, Prefilling, Running, Paused] {
             assert_eq!(s.transition(Cancelled), Ok(Cancelled), "{s}");
         }
     }
@@ -120,10 +146,16 @@ mod tests {
                 (Waiting, Cancelled),
                 (Prefilling, Waiting),
                 (Prefilling, Running),
+                (Prefilling, Paused),
                 (Prefilling, Cancelled),
                 (Running, Waiting),
+                (Running, Paused),
                 (Running, Completed),
                 (Running, Cancelled),
+                (Paused, Waiting),
+                (Paused, Prefilling),
+                (Paused, Running),
+                (Paused, Cancelled),
             ]
         );
     }

@@ -2,11 +2,13 @@
 //! and accounts one forward pass. The threaded loop in [`crate::handle`]
 //! only wraps it, so tests drive it step by step with a manual clock.
 //!
-//! The step is split by phase: [`plan`] forms it, [`outcome`] applies its
-//! results and finishes requests.
+//! The step is split by phase: [`preempt`] makes way for urgent work,
+//! [`plan`] forms the step, [`outcome`] applies its results and finishes
+//! requests.
 
 mod outcome;
 mod plan;
+mod preempt;
 
 use std::{
     collections::HashMap,
@@ -17,7 +19,7 @@ use std::{
 use batching_queue::{PriorityQueueWithAging, QueueConfig};
 use batching_types::{
     Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest,
-    RequestId, RequestStatus, StepOutput, StepPlan,
+    Priority, RequestId, RequestStatus, StepOutput, StepPlan,
 };
 
 use crate::{
@@ -47,6 +49,22 @@ impl Active {
     }
 }
 
+/// What the engine keeps of a paused request while the request itself
+/// waits in the queue: where it stopped, and what ranking and memory
+/// decisions need without taking it out of the queue.
+#[derive(Debug)]
+struct Paused {
+    context_len: usize,
+    prefilled: usize,
+    last_token_at: Option<Instant>,
+    /// When it was paused, for the time-paused histogram.
+    since: Instant,
+    priority: Priority,
+    enqueued_at: Option<Instant>,
+    /// KV blocks it holds.
+    blocks: usize,
+}
+
 /// The scheduler's core: owns the backend, the waiting queue and the KV
 /// block accounting, and runs one step per call of [`Engine::step`].
 ///
@@ -59,6 +77,9 @@ pub struct Engine<B: Backend, C: Clock + Clone> {
     clock: C,
     queue: PriorityQueueWithAging<BatchRequest, C>,
     active: Vec<Active>,
+    /// Requests paused for urgency: queued, but holding blocks and a
+    /// backend cache.
+    paused: HashMap<RequestId, Paused>,
     blocks: BlockAllocator,
     shared: Arc<Shared>,
     capacity: BackendCapacity,
@@ -116,6 +137,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             clock,
             queue,
             active: Vec::new(),
+            paused: HashMap::new(),
             shared,
             capacity,
             retries: HashMap::new(),
@@ -183,10 +205,11 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         }
     }
 
-    /// Runs one step: sweeps cancelled and expired requests, plans decodes
-    /// first, continues chunked prefills, admits waiting requests in queue
-    /// order within the batch, token and KV limits, runs the backend and
-    /// delivers the results.
+    /// Runs one step: sweeps cancelled and expired requests, makes way for
+    /// waiting requests that outrank running ones, plans decodes first,
+    /// continues chunked prefills, admits (or resumes) waiting requests in
+    /// queue order within the batch, token and KV limits, runs the backend
+    /// and delivers the results.
     pub fn step(&mut self) -> StepTrace {
         self.steps += 1;
         let mut trace = StepTrace {
@@ -195,6 +218,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         };
         let now = self.clock.now();
         self.sweep(now, &mut trace);
+        self.make_way(now, &mut trace);
         // `slots[k]` is the index in `active` of plan item `k`; entries
         // that leave during the step are only marked `gone` until the end,
         // so these indices stay valid.
@@ -222,7 +246,8 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         trace.blocks_used = self.blocks.used();
         trace.blocks_free = self.blocks.free();
         trace.running = self.active.len();
-        trace.waiting = self.queue.qsize();
+        trace.waiting = self.queue.qsize() - self.paused.len();
+        trace.paused_now = self.paused.len();
         trace
     }
 }
@@ -266,6 +291,9 @@ impl<B: Backend, C: Clock + Clone> Drop for Engine<B, C> {
     /// thread) gets its finish event. The backend is not called here, since
     /// it may be what panicked.
     fn drop(&mut self) {
+        // Forgetting the paused set keeps `finish_request` from calling the
+        // backend.
+        self.paused.clear();
         let mut left: Vec<BatchRequest> = self.queue.drain();
         for a in self.active.drain(..) {
             if !a.gone {

@@ -8,7 +8,7 @@ use batching_types::{
     StepOutput, StepPlan, Usage, WorkKind,
 };
 
-use super::{placeholder, Engine};
+use super::{placeholder, preempt::Reason, Engine};
 use crate::{metrics as names, StepTrace};
 
 impl<B: Backend, C: Clock + Clone> Engine<B, C> {
@@ -145,7 +145,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                     trace,
                 );
             } else {
-                self.preempt(i, trace);
+                self.preempt(i, Reason::Retry, trace);
             }
         }
         trace.failure = Some(message);
@@ -193,6 +193,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         // A refused transition cannot happen on these paths; the client
         // still gets its finish event either way.
         let _ = req.set_status(to, now);
+        // A paused request still has a backend cache to free.
+        if self.paused.remove(&req.request_id).is_some() {
+            self.backend.release(req.request_id);
+        }
         self.blocks.release(&mut req.block_table);
         if !self.retries.is_empty() {
             self.retries.remove(&req.request_id);
@@ -217,9 +221,12 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     pub(super) fn publish(&self) {
         let s = &self.shared;
         let running = self.active.len();
-        let waiting = self.queue.qsize();
+        let paused = self.paused.len();
+        let waiting = self.queue.qsize().saturating_sub(paused);
         s.running.store(running, Ordering::Relaxed);
         s.waiting.store(waiting, Ordering::Relaxed);
+        s.paused.store(paused, Ordering::Relaxed);
+        self.hot.paused.set(paused as f64);
         s.blocks_used.store(self.blocks.used(), Ordering::Relaxed);
         s.blocks_free.store(self.blocks.free(), Ordering::Relaxed);
         self.hot.running.set(running as f64);

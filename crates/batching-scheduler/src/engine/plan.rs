@@ -1,13 +1,16 @@
 //! Forming a step: sweeping requests that must leave, planning decodes
-//! (preempting when KV blocks run out), continuing chunked prefills and
-//! admitting waiting requests in queue order.
+//! (dropping caches when KV blocks run out), continuing chunked prefills
+//! and admitting or resuming waiting requests in queue order.
 
 use std::time::Instant;
 
 use batching_types::{Backend, Clock, FinishReason, RequestStatus, StepItem, WorkKind};
 
-use super::{placeholder, Active, Engine};
-use crate::{metrics as names, StepTrace};
+use super::{
+    preempt::{Reason, Victim},
+    Active, Engine,
+};
+use crate::StepTrace;
 
 impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     /// Ends requests whose client left, waiting requests past their
@@ -46,9 +49,12 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 Some(trace),
             );
         }
+        // A deadline bounds the wait for the first token's work to start; a
+        // request that has started (and was then paused or preempted) is
+        // streaming already and is never timed out mid-answer.
         let expired = self
             .queue
-            .remove_where(|r| r.deadline.is_some_and(|d| now >= d));
+            .remove_where(|r| r.started_at.is_none() && r.deadline.is_some_and(|d| now >= d));
         for mut r in expired {
             self.finish_request(
                 &mut r,
@@ -76,21 +82,18 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         // one already planned; otherwise (the common case) in admission
         // order, without computing priorities.
         let mut short = 0usize;
-        let mut order: Vec<(f64, usize)> = Vec::with_capacity(self.active.len());
+        let mut order: Vec<usize> = Vec::with_capacity(self.active.len());
         for (i, a) in self.active.iter().enumerate() {
             if a.decoding() {
                 let needed = self.blocks.blocks_for(a.req.effective_tokens());
                 short += needed.saturating_sub(a.req.block_table.len());
-                order.push((0.0, i));
+                order.push(i);
             }
         }
         if short > self.blocks.free() {
-            for entry in &mut order {
-                entry.0 = self.urgency_key(entry.1, now);
-            }
-            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            order.sort_by_cached_key(|&i| self.rank_active(i, now));
         }
-        for (_, i) in order {
+        for i in order {
             if self.active[i].gone {
                 continue;
             }
@@ -112,14 +115,16 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 let Some(victim) = self.pick_victim(&planned, now) else {
                     break;
                 };
-                self.preempt(victim, trace);
-                if victim == i {
+                self.drop_cache(victim, Reason::Memory, trace);
+                if matches!(victim, Victim::Active(v) if v == i) {
                     break;
                 }
             }
         }
 
-        // Prefills already under way, oldest first.
+        // Prefills already under way, oldest first, each capped so that a
+        // long prompt leaves budget for admissions beside it.
+        let cap = self.config.max_prefill_chunk;
         for (i, a) in self.active.iter().enumerate() {
             if budget == 0 {
                 break;
@@ -127,7 +132,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             if a.gone || a.decoding() {
                 continue;
             }
-            let len = (a.context_len - a.prefilled).min(budget);
+            let len = (a.context_len - a.prefilled).min(budget).min(cap);
             budget -= len;
             items.push(StepItem {
                 id: a.req.request_id,
@@ -139,6 +144,8 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
 
         // Admissions in queue order; the head must fit now, and nobody
         // overtakes it, so priorities and aging are honoured exactly.
+        // `make_way` has already made room for heads that outrank running
+        // work.
         if self.shutdown_deadline.is_none() {
             self.admit(&mut items, &mut slots, &mut budget, now, trace);
         }
@@ -158,18 +165,25 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             && items.len() < self.config.max_batch_size
             && live < self.config.max_batch_size
         {
-            let Some((id, tokens)) = self
+            let Some((id, tokens, held)) = self
                 .queue
-                .peek_with(|r| (r.request_id, r.effective_tokens()))
+                .peek_with(|r| (r.request_id, r.effective_tokens(), r.block_table.len()))
             else {
                 break;
             };
-            if self.blocks.blocks_for(tokens) > self.blocks.free() {
+            let needed = self.blocks.blocks_for(tokens);
+            if needed.saturating_sub(held) > self.blocks.free() {
                 break;
             }
             let Some(mut req) = self.queue.remove(id) else {
                 break;
             };
+            self.blocks.grow_to(&mut req.block_table, needed);
+            if let Some(paused) = self.paused.remove(&id) {
+                self.resume(req, paused, items, slots, budget, now, trace);
+                live += 1;
+                continue;
+            }
             let first = req.started_at.is_none();
             if req.set_status(RequestStatus::Prefilling, now).is_err() {
                 self.finish_request(
@@ -185,8 +199,6 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 let waited = now.saturating_duration_since(req.created_at).as_secs_f64();
                 self.hot.queue_time[usize::from(req.priority.value())].record(waited);
             }
-            let needed = self.blocks.blocks_for(tokens);
-            self.blocks.grow_to(&mut req.block_table, needed);
             let context = req.context_tokens();
             if let Err(err) = self.backend.add_sequence(id, &context, &req.sampling) {
                 self.finish_request(
@@ -197,7 +209,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 );
                 continue;
             }
-            let len = context.len().min(*budget);
+            let len = context
+                .len()
+                .min(*budget)
+                .min(self.config.max_prefill_chunk);
             *budget -= len;
             items.push(StepItem {
                 id,
@@ -216,62 +231,62 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         }
     }
 
-    /// The queue's effective priority at `now`
-    /// (`base - aging_rate * seconds waited`): lower is more urgent.
-    pub(super) fn urgency_key(&self, i: usize, now: Instant) -> f64 {
-        let req = &self.active[i].req;
-        let waited = req
-            .enqueued_at
-            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
-        f64::from(req.priority.value()) - self.config.aging_rate * waited
-    }
-
-    /// The least urgent request that is not yet planned: highest effective
-    /// priority value, and the newest among equals.
-    pub(super) fn pick_victim(&self, planned: &[bool], now: Instant) -> Option<usize> {
-        (0..self.active.len())
-            .filter(|&i| !planned[i] && !self.active[i].gone)
-            .max_by(|&a, &b| {
-                let (ra, rb) = (&self.active[a].req, &self.active[b].req);
-                self.urgency_key(a, now)
-                    .total_cmp(&self.urgency_key(b, now))
-                    .then(ra.enqueued_at.cmp(&rb.enqueued_at))
-                    .then(ra.request_id.cmp(&rb.request_id))
-            })
-    }
-
-    /// Frees a request's blocks, releases it in the backend and puts it back
-    /// in the queue with its original enqueue time and its tokens.
-    pub(super) fn preempt(&mut self, i: usize, trace: &mut StepTrace) {
-        let now = self.clock.now();
-        let Some(stand_in) = placeholder(now) else {
-            return;
+    /// Brings a paused request back into the batch where it stopped: its
+    /// next prefill chunk, or a decode of its last token. The backend still
+    /// holds its cache, so nothing is recomputed.
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        &mut self,
+        mut req: batching_types::BatchRequest,
+        paused: super::Paused,
+        items: &mut Vec<StepItem>,
+        slots: &mut Vec<usize>,
+        budget: &mut usize,
+        now: Instant,
+        trace: &mut StepTrace,
+    ) {
+        let id = req.request_id;
+        let decoding = paused.prefilled >= paused.context_len;
+        let to = if decoding {
+            RequestStatus::Running
+        } else {
+            RequestStatus::Prefilling
         };
-        let a = &mut self.active[i];
-        if a.gone {
-            return;
-        }
-        a.gone = true;
-        self.blocks.release(&mut a.req.block_table);
-        self.backend.release(a.req.request_id);
-        let mut req = std::mem::replace(&mut a.req, stand_in);
-        trace.preempted.push(req.request_id);
-        ::metrics::counter!(names::PREEMPTIONS).increment(1);
-        // Both PREFILLING and RUNNING may go back to WAITING.
-        if req.set_status(RequestStatus::Waiting, now).is_err() {
+        if req.set_status(to, now).is_err() {
+            self.backend.release(id);
             self.finish_request(
                 &mut req,
                 FinishReason::Error,
-                Some("internal error: could not preempt".into()),
+                Some("internal error: a paused request could not resume".into()),
                 Some(trace),
             );
             return;
         }
-        if let Err(err) = self.queue.try_put(req) {
-            let message = err.to_string();
-            if let Some(mut req) = err.into_inner() {
-                self.finish_request(&mut req, FinishReason::Error, Some(message), Some(trace));
+        let kind = if decoding {
+            WorkKind::Decode
+        } else {
+            WorkKind::Prefill {
+                len: (paused.context_len - paused.prefilled)
+                    .min(*budget)
+                    .min(self.config.max_prefill_chunk),
             }
-        }
+        };
+        *budget -= match kind {
+            WorkKind::Prefill { len } => len,
+            WorkKind::Decode => 1,
+        };
+        let priority = usize::from(req.priority.value());
+        self.hot.pause_time[priority]
+            .record(now.saturating_duration_since(paused.since).as_secs_f64());
+        items.push(StepItem { id, kind });
+        trace.resumed.push(id);
+        slots.push(self.active.len());
+        self.active.push(Active {
+            req,
+            context_len: paused.context_len,
+            prefilled: paused.prefilled,
+            last_token_at: paused.last_token_at,
+            gone: false,
+        });
     }
 }
