@@ -145,6 +145,9 @@ struct Measured {
     by_workload: BTreeMap<&'static str, Vec<RunSummary>>,
     /// The HIGH-priority probe level.
     probe: Option<RunSummary>,
+    /// The same HIGH requests one at a time on the idle server: the TTFT
+    /// the probe's is compared with.
+    idle_high: Option<RunSummary>,
     /// `/proc/loadavg` when the measurement started: other work on the
     /// machine skews every number, so the report shows it.
     load_before: String,
@@ -579,6 +582,16 @@ async fn measure(
         }
         by_workload.insert(w.name, runs);
     }
+    let idle = LoadArgs {
+        concurrency: Some("1".to_owned()),
+        requests: plan.probe_count.max(3),
+        prompt_tokens: LengthSpec::fixed(32),
+        priority_mix: Some("high=1".parse()?),
+        ..base_args.clone()
+    };
+    let idle_report = loadgen::run_report(&idle, &format!("{} idle HIGH", server.name())).await?;
+    idle_report.write_json(&raw_dir.join(format!("{}-idle-high.json", server.name())))?;
+    let idle_high = idle_report.summary().runs.into_iter().next();
     let args = LoadArgs {
         concurrency: Some(plan.probe_concurrency.to_string()),
         requests: plan.requests(plan.probe_concurrency),
@@ -595,6 +608,7 @@ async fn measure(
     Ok(Measured {
         by_workload,
         probe: summary.runs.into_iter().next(),
+        idle_high,
         load_before,
     })
 }
@@ -759,18 +773,23 @@ fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "## HIGH-priority probe\n\nA load of concurrency {} (NORMAL and LOW, 32-token prompts) with {} HIGH requests \
-         started on top, one every {} ms. Peers ignore `priority`, so for them the probe is an ordinary request.\n",
+         started on top, one every {} ms. Peers ignore `priority`, so for them the probe is an ordinary request. \
+         The idle column is the same HIGH request sent alone to the idle server, before the load.\n",
         plan.probe_concurrency, plan.probe_count, plan.probe_interval_ms
     );
-    let _ = writeln!(md, "| server | load p99 TTFT (any request) | HIGH probes ok | HIGH p50 TTFT | HIGH p99 TTFT | out tok/s |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| server | idle HIGH p50 TTFT | load p99 TTFT (any request) | HIGH probes ok | HIGH p50 TTFT | HIGH p99 TTFT | out tok/s |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     for (server, m) in measured {
         let Some(run) = &m.probe else { continue };
         let probe = run.probe.as_ref();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} |",
             server.name(),
+            ms(
+                m.idle_high.as_ref().and_then(|r| r.all.ttft_ms.as_ref()),
+                |p| p.p50
+            ),
             ms(run.all.ttft_ms.as_ref(), |p| p.p99),
             probe.map_or_else(
                 || "0/0".to_owned(),

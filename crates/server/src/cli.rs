@@ -97,6 +97,20 @@ pub struct ServeArgs {
     /// "2m" or "none".
     #[arg(long, value_parser = parse_timeout, default_value = "300s")]
     pub request_timeout: Timeout,
+    /// Never take a running request out of a full batch for a more urgent
+    /// one. By default a waiting request that outranks a running one (by
+    /// priority after aging) pauses it, keeping its KV cache, and enters
+    /// the batch at the next step.
+    #[arg(long)]
+    pub no_preemption: bool,
+    /// How many times one request may be paused or preempted for more
+    /// urgent work before it stays in the batch to the end.
+    #[arg(long, default_value_t = 2)]
+    pub max_preemptions: u32,
+    /// Most prompt tokens one request feeds in a step, so that a long
+    /// prompt leaves room for others to start beside it.
+    #[arg(long, default_value_t = 128)]
+    pub max_prefill_chunk: usize,
 }
 
 /// `mlx-batch generate`.

@@ -47,10 +47,12 @@ pub struct EngineHealth {
     pub alive: bool,
     /// Whether a graceful shutdown has begun (no new requests are taken).
     pub shutting_down: bool,
-    /// Requests holding KV blocks (prefilling or decoding).
+    /// Requests in the batch (prefilling or decoding).
     pub running: usize,
     /// Requests in the waiting queue.
     pub waiting: usize,
+    /// Requests paused for more urgent work, keeping their KV cache.
+    pub paused: usize,
     /// KV cache blocks in use.
     pub kv_blocks_used: usize,
     /// KV cache blocks in total.

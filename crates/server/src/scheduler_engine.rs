@@ -50,6 +50,7 @@ impl Engine for SchedulerEngine {
             shutting_down: h.shutting_down,
             running: h.running,
             waiting: h.pending.max(h.waiting),
+            paused: h.paused,
             kv_blocks_used: h.kv_blocks_used,
             kv_blocks_total: h.kv_blocks_used + h.kv_blocks_free,
         }

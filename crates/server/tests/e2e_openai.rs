@@ -140,20 +140,24 @@ async fn run_python(base: String, model: String, python_path: PathBuf, checks: &
     stdout
 }
 
+/// The checks of `tests/e2e/openai_client.py` that CI runs, in order.
+const CHECKS: &[&str] = &[
+    "basic",
+    "concurrent",
+    "priority",
+    "preempt",
+    "long_prompt",
+    "disconnect",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_works_against_the_default_model() {
     let Some((base, model, python_path)) = start_server(8).await else {
         return;
     };
-    let out = run_python(
-        base,
-        model,
-        python_path,
-        &["basic", "concurrent", "priority", "disconnect"],
-    )
-    .await;
+    let out = run_python(base, model, python_path, CHECKS).await;
     println!("{out}");
-    for check in ["basic", "concurrent", "priority", "disconnect"] {
+    for check in CHECKS {
         assert!(
             out.contains(&format!("ok: {check}")),
             "{check} did not run:\n{out}"

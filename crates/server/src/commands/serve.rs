@@ -26,6 +26,9 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_queue: Some(args.max_queue),
         aging_rate: args.aging_rate,
+        preemption: !args.no_preemption,
+        max_preemptions: args.max_preemptions,
+        max_prefill_chunk: args.max_prefill_chunk,
         ..SchedulerConfig::default()
     };
     let grace = scheduler.shutdown_grace;

@@ -19,6 +19,8 @@ MODEL = sys.argv[2]
 client = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0)
 
 CHAT = [{"role": "user", "content": "Name three colors."}]
+# The server's max_batch_size (tests/e2e_openai.rs starts it with 8).
+BATCH = 8
 
 
 def chat_once(max_tokens=12, messages=CHAT):
@@ -204,6 +206,99 @@ def check_disconnect_frees_capacity():
     wait_metric("mlx_batch_running_requests", lambda v: v == 0, timeout=10)
 
 
+def ttft_of(messages, max_tokens, priority=None):
+    marks = {}
+    stream_text(messages, max_tokens, priority, marks, "x")
+    first, _, start, _ = marks["x"]
+    return first - start
+
+
+def idle_ttft(messages, max_tokens=4, priority=None, tries=3):
+    """The median time to first token on an idle server."""
+    wait_metric("mlx_batch_running_requests", lambda v: v == 0)
+    return sorted(ttft_of(messages, max_tokens, priority) for _ in range(tries))[tries // 2]
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def check_high_enters_a_full_batch():
+    """HIGH gets in within a step of a full batch of LOW streams, which
+    pause and resume without a gap or a changed token."""
+    batch = BATCH
+    prompts = [[{"role": "user", "content": f"Describe the colour number {i} in detail."}] for i in range(batch)]
+    n_low = 40
+    alone = [stream_text(p, n_low) for p in prompts]
+    idle = idle_ttft(CHAT, 4, "high")
+    before = metric('mlx_batch_preemptions_total{reason="priority"}') or 0
+    tokens_before = metric("mlx_batch_tokens_generated_total") or 0
+    marks = {}
+    threads = [
+        threading.Thread(target=lambda p=p, i=i: marks.__setitem__(("text", i), stream_text(p, n_low, "low", marks, i)))
+        for i, p in enumerate(prompts)
+    ]
+    for t in threads:
+        t.start()
+    # Every LOW stream is decoding: the batch is full.
+    wait_metric("mlx_batch_running_requests", lambda v: v >= batch)
+    wait_metric("mlx_batch_tokens_generated_total", lambda v: v >= tokens_before + 2 * batch)
+    high = ttft_of(CHAT, 4, "high")
+    for t in threads:
+        t.join()
+    itl = median((marks[i][1] - marks[i][0]) / max(marks[i][3] - 1, 1) for i in range(batch))
+    pauses = (metric('mlx_batch_preemptions_total{reason="priority"}') or 0) - before
+    print(
+        "measure:",
+        json.dumps({"check": "preempt", "batch": batch, "idle_high_ttft_s": round(idle, 3),
+                    "loaded_high_ttft_s": round(high, 3), "low_step_s": round(itl, 3), "pauses": pauses}),
+        flush=True,
+    )
+    assert pauses >= 1, "HIGH entered without pausing anyone"
+    assert high <= 3 * idle + itl, f"HIGH TTFT {high:.3f}s > 3 x idle {idle:.3f}s + one step {itl:.3f}s"
+    for i in range(batch):
+        assert marks[("text", i)] == alone[i], f"LOW {i}: alone {alone[i]!r} but {marks[('text', i)]!r}"
+    wait_metric("mlx_batch_paused_requests", lambda v: v == 0)
+
+
+LONG_PROMPT = [{"role": "user", "content": "Summarise this text. " + " ".join(
+    f"Paragraph {i}: the river ran past the mill, the miller counted sacks of grain, and the children played by the water." for i in range(48))}]
+
+
+def check_short_prompts_start_beside_a_long_one():
+    """Short requests behind a long prompt start within a few steps: their
+    TTFT is compared with the same short requests sent together to an idle
+    server."""
+    shorts = [[{"role": "user", "content": f"Name {i} colors."}] for i in range(2, 6)]
+
+    def short_ttfts(marks):
+        run_threads([lambda m=m, i=i: stream_text(m, 4, marks=marks, key=i) for i, m in enumerate(shorts)])
+        return [marks[i][0] - marks[i][2] for i in range(len(shorts))]
+
+    wait_metric("mlx_batch_running_requests", lambda v: v == 0)
+    idle = median(max(short_ttfts({})) for _ in range(3))
+    wait_metric("mlx_batch_running_requests", lambda v: v == 0)
+    alone_long = ttft_of(LONG_PROMPT, 4)
+    marks = {}
+    long = threading.Thread(target=lambda: stream_text(LONG_PROMPT, 4, marks=marks, key="long"))
+    long.start()
+    # The long prompt is being prefilled when the short ones arrive.
+    wait_metric("mlx_batch_running_requests", lambda v: v >= 1)
+    ttfts = short_ttfts(marks)
+    long.join()
+    long_ttft = marks["long"][0] - marks["long"][2]
+    print(
+        "measure:",
+        json.dumps({"check": "long_prompt", "idle_shorts_ttft_p99_s": round(idle, 3),
+                    "shorts_ttft_p99_s": round(max(ttfts), 3), "long_ttft_alone_s": round(alone_long, 3),
+                    "long_ttft_with_shorts_s": round(long_ttft, 3)}),
+        flush=True,
+    )
+    assert max(ttfts) <= 5 * idle, f"short TTFT p99 {max(ttfts):.3f}s > 5 x idle {idle:.3f}s"
+    assert long_ttft > max(ttfts), "the short requests were not served beside the long prompt"
+
+
 def measure():
     """Time to first token and decode throughput, 1 and 8 streams."""
     n_tokens = 32
@@ -239,11 +334,13 @@ CHECKS = {
     "concurrent": check_concurrent_streams_match_solo,
     "priority": check_high_priority_overtakes_low,
     "disconnect": check_disconnect_frees_capacity,
+    "preempt": check_high_enters_a_full_batch,
+    "long_prompt": check_short_prompts_start_beside_a_long_one,
     "measure": measure,
 }
 
 if __name__ == "__main__":
-    for name in sys.argv[3:]:
+    for name in [a for a in sys.argv[3:] if a in CHECKS]:
         t = time.monotonic()
         CHECKS[name]()
         print(f"ok: {name} ({time.monotonic() - t:.1f}s)", flush=True)
