@@ -9,11 +9,15 @@
 //! leave between steps without touching the others' rows.
 //!
 //! Rows and columns grow geometrically when a step needs more, by padding
-//! (one copy, rare); when every sequence has left, the arrays are dropped.
+//! (one copy, rare, which also drops free rows above the highest one in
+//! use); when every sequence has left, the arrays are dropped.
 //! Memory is therefore `rows x longest sequence`, not the sum of lengths:
 //! the padding is the price of batched attention without gathers.
 
-use mlx_rs::{ops, Array, Dtype};
+use mlx_rs::{
+    ops::{self, indexing::IndexOp},
+    Array, Dtype,
+};
 
 /// Column growth granularity, so that growing is rare.
 const COL_CHUNK: usize = 256;
@@ -147,18 +151,27 @@ impl KvCache {
         if need_rows <= self.rows && cols <= self.cols && !self.arrays.is_empty() {
             return Ok(());
         }
-        let new_rows = need_rows.max(self.rows).div_ceil(ROW_CHUNK) * ROW_CHUNK;
+        // Growing copies the arrays anyway, so rows above the highest one
+        // in use are left out of the copy: a long sequence that outlives a
+        // burst of short ones does not keep paying for their rows.
+        let new_rows = need_rows.max(1).div_ceil(ROW_CHUNK) * ROW_CHUNK;
         let new_cols = cols.max(self.cols).max(1).div_ceil(COL_CHUNK) * COL_CHUNK;
         let (h, d) = (self.layout.kv_heads as i32, self.layout.head_dim as i32);
         let flat = [(new_rows as i32) * h * (new_cols as i32), d];
+        let kept = self.rows.min(new_rows);
         let mut arrays = Vec::with_capacity(self.layout.layers);
         for layer in 0..self.layout.layers {
             let grow = |old: Option<&Array>| -> mlx_rs::error::Result<Array> {
                 match old {
                     Some(old) if self.rows > 0 => {
                         let four = old.reshape(&[self.rows as i32, h, self.cols as i32, d])?;
+                        let four = if kept < self.rows {
+                            four.index(0..kept as i32)
+                        } else {
+                            four
+                        };
                         let widths = [
-                            (0, (new_rows - self.rows) as i32),
+                            (0, (new_rows - kept) as i32),
                             (0, 0),
                             (0, (new_cols - self.cols) as i32),
                             (0, 0),
@@ -235,6 +248,25 @@ mod tests {
         c.release_row(1);
         assert!(c.is_empty());
         assert_eq!(c.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn growing_columns_drops_free_rows_above_the_last_in_use() {
+        let mut c = KvCache::new(layout(), Dtype::Float32);
+        for _ in 0..9 {
+            c.acquire_row();
+        }
+        c.reserve(10).unwrap();
+        assert_eq!((c.rows(), c.cols()), (12, 256));
+        for row in 1..9 {
+            c.release_row(row);
+        }
+        assert_eq!(c.live_rows(), 1);
+        c.reserve(10).unwrap();
+        assert_eq!(c.rows(), 12, "no growth, no copy");
+        c.reserve(300).unwrap();
+        assert_eq!((c.rows(), c.cols()), (4, 512));
+        assert_eq!(c.layer(0).unwrap().0.dim(0), 4 * 2 * 512);
     }
 
     #[test]
