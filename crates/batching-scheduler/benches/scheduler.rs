@@ -3,7 +3,13 @@
 //! 1. `step_overhead/256_running`: the engine's own cost per step with 256
 //!    decoding sequences on a backend that does nothing. The target is far
 //!    below 1% of a 10 ms model step, i.e. well under 100 µs.
-//! 2. A virtual-time simulation (printed as a table, not timed by
+//! 2. `pause_resume/256_running`: the same full batch, and per iteration one
+//!    HIGH request of one token: a step that pauses a running request and
+//!    admits HIGH, then a step that resumes the paused one. Against two
+//!    `step_overhead` steps, the difference is what a pause and a resume
+//!    cost the engine (the backend keeps the cache, so it does no extra
+//!    work).
+//! 3. A virtual-time simulation (printed as a table, not timed by
 //!    criterion): throughput and p50/p99 latency by priority of continuous
 //!    batching against static batching (wait for a full batch, run it to
 //!    the end) on the same workload and the same cost model.
@@ -121,6 +127,66 @@ fn step_overhead(c: &mut Criterion) {
                 });
             }
             black_box(trace.items.len())
+        });
+    });
+}
+
+fn pause_resume(c: &mut Criterion) {
+    let config = SchedulerConfig {
+        max_batch_size: 256,
+        max_batch_tokens: 8192,
+        max_queue: None,
+        // No aging and no limit, so every cycle pauses one request.
+        aging_rate: 0.0,
+        max_preemptions: u32::MAX,
+        ..SchedulerConfig::default()
+    };
+    let low = || NewRequest {
+        priority: Priority::Low,
+        ..long_request()
+    };
+    let high = || NewRequest {
+        prompt_tokens: vec![1],
+        max_tokens: 1,
+        priority: Priority::High,
+        ..NewRequest::default()
+    };
+    c.bench_function("pause_resume/256_running", |b| {
+        // A fresh full batch per sample, so that it stays full (and inside
+        // its KV) for every cycle measured; building it is not timed.
+        b.iter_custom(|cycles| {
+            let mut timed = Duration::ZERO;
+            let mut left = cycles;
+            while left > 0 {
+                // 256 requests of 8,000 tokens stay in the batch for 3,999
+                // cycles of two steps.
+                let run = left.min(3_000);
+                left -= run;
+                let mut engine =
+                    Engine::new(config.clone(), NullBackend::default(), SystemClock).unwrap();
+                let mut streams: Vec<EventReceiver> =
+                    (0..256).map(|_| engine.submit(low()).unwrap().1).collect();
+                engine.step();
+                let start = Instant::now();
+                for n in 0..run {
+                    streams.push(engine.submit(high()).unwrap().1);
+                    let paused = engine.step();
+                    let resumed = engine.step();
+                    assert_eq!(
+                        (paused.paused.len(), resumed.resumed.len()),
+                        (1, 1),
+                        "cycle {n}"
+                    );
+                    if n % 16 == 15 {
+                        streams.retain_mut(|rx| {
+                            while rx.try_recv().is_ok() {}
+                            !rx.is_closed()
+                        });
+                    }
+                }
+                timed += start.elapsed();
+            }
+            timed
         });
     });
 }
@@ -389,6 +455,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
     step_overhead(&mut c);
+    pause_resume(&mut c);
     c.final_summary();
     step_cpu_time();
     simulation_table();
