@@ -23,9 +23,9 @@ use std::{
 
 use batching_scheduler::{Engine, SchedulerConfig};
 use batching_types::{
-    Backend, BackendCapacity, Clock, EventReceiver, ManualClock, NewRequest, OutputEvent, Priority,
-    RequestId, SamplingParams, SequenceOutcome, SequenceResult, StepOutput, StepPlan, SystemClock,
-    WorkKind,
+    Backend, BackendCapacity, Clock, EventReceiver, KvBlocks, ManualClock, NewRequest, OutputEvent,
+    Priority, RequestId, SamplingParams, SequenceOutcome, SequenceResult, StepOutput, StepPlan,
+    SystemClock, WorkKind,
 };
 use criterion::Criterion;
 use sim_backend::{SimBackend, SimConfig, TimeMode};
@@ -46,6 +46,10 @@ impl Backend for NullBackend {
             kv_tokens: 1 << 22,
             max_context: 1 << 16,
         }
+    }
+
+    fn configure_kv(&mut self, _: KvBlocks) -> Result<(), Self::Error> {
+        Ok(())
     }
 
     fn add_sequence(

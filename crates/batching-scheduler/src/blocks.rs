@@ -1,15 +1,19 @@
 //! KV cache accounting in fixed-size blocks.
 
+use std::collections::BTreeSet;
+
 /// Hands out KV block ids from a fixed pool.
 ///
-/// The scheduler only *accounts* blocks (the backend owns the real cache),
-/// so the allocator is a free list: allocation and release are O(blocks),
-/// and the most recently freed blocks are reused first.
+/// These ids are the backend's memory: the tables built from them go to the
+/// backend with every plan and index its block pool. The lowest free id is
+/// always handed out first, so the ids in use stay packed at the bottom of
+/// the pool and a backend that grows its pool on demand stays as small as
+/// the blocks in use allow. Allocation and release are O(log n) per block.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     block_size: usize,
     total: usize,
-    free: Vec<u32>,
+    free: BTreeSet<u32>,
 }
 
 impl BlockAllocator {
@@ -19,8 +23,7 @@ impl BlockAllocator {
         Self {
             block_size: block_size.max(1),
             total: top as usize,
-            // Reversed so that block 0 is handed out first.
-            free: (0..top).rev().collect(),
+            free: (0..top).collect(),
         }
     }
 
@@ -56,14 +59,17 @@ impl BlockAllocator {
         if missing > self.free.len() {
             return false;
         }
-        let start = self.free.len() - missing;
-        table.extend(self.free.drain(start..).rev());
+        for _ in 0..missing {
+            if let Some(id) = self.free.pop_first() {
+                table.push(id);
+            }
+        }
         true
     }
 
     /// Returns every block of `table` to the pool and empties it.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..).rev());
+        self.free.extend(table.drain(..));
     }
 }
 
@@ -91,6 +97,9 @@ mod tests {
         a.release(&mut t);
         assert!(t.is_empty());
         assert_eq!((a.used(), a.free()), (0, 4));
+        let mut v = vec![];
+        assert!(a.grow_to(&mut v, 2));
+        assert_eq!(v, vec![0, 1], "the lowest free ids come first");
     }
 
     proptest! {

@@ -13,8 +13,8 @@ use std::{
 
 use batching_scheduler::{RequestStream, SchedulerConfig, SchedulerError, SchedulerHandle};
 use batching_types::{
-    Backend, BackendCapacity, FinishReason, OutputEvent, Priority, RequestId, SamplingParams,
-    StepOutput, StepPlan, SystemClock,
+    Backend, BackendCapacity, FinishReason, KvBlocks, OutputEvent, Priority, RequestId,
+    SamplingParams, StepOutput, StepPlan, SystemClock,
 };
 use common::{request, tokens_and_finish};
 use futures::StreamExt;
@@ -222,6 +222,9 @@ impl Backend for Exploding {
     type Error = SimError;
     fn capacity(&self) -> BackendCapacity {
         self.inner.capacity()
+    }
+    fn configure_kv(&mut self, blocks: KvBlocks) -> Result<(), SimError> {
+        self.inner.configure_kv(blocks)
     }
     fn add_sequence(
         &mut self,

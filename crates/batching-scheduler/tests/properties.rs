@@ -176,6 +176,8 @@ proptest! {
         prop_assert_eq!(stats.violations, Vec::<String>::new());
         prop_assert_eq!(stats.live_sequences, 0);
         prop_assert_eq!(stats.kv_in_use, 0);
+        prop_assert_eq!(stats.blocks_in_use, 0);
+        prop_assert!(stats.max_blocks_in_use <= total_blocks);
         let health = engine.health();
         prop_assert_eq!((health.kv_blocks_used, health.running, health.waiting, health.paused, health.pending), (0, 0, 0, 0, 0));
         for (s, rx) in specs.iter().zip(streams.iter_mut()) {

@@ -21,6 +21,23 @@ pub struct BackendCapacity {
     pub max_context: usize,
 }
 
+/// The block layout of the KV cache, chosen by the scheduler and given to
+/// the backend once, before any sequence is added.
+///
+/// The scheduler owns the block ids: it assigns every sequence a *block
+/// table* (block `i` of the table holds the sequence's tokens
+/// `i * block_size .. (i + 1) * block_size`) and hands the tables over with
+/// each plan. The backend stores keys and values in a pool of `num_blocks`
+/// blocks indexed by those ids, so the scheduler's accounting is the memory
+/// the backend uses: there is no second allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBlocks {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool; ids run from 0 to `num_blocks - 1`.
+    pub num_blocks: usize,
+}
+
 /// The work one sequence does in a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkKind {
@@ -50,6 +67,10 @@ pub struct StepItem {
 pub struct StepPlan {
     /// The sequences in the batch, each at most once.
     pub items: Vec<StepItem>,
+    /// `block_tables[k]` is the block table of `items[k]`'s sequence: enough
+    /// blocks for every token it holds once this step has run. Blocks are
+    /// never shared between sequences that write to them.
+    pub block_tables: Vec<Vec<u32>>,
 }
 
 impl StepPlan {
@@ -95,11 +116,12 @@ pub struct StepOutput {
 
 /// A model that runs batched steps over many sequences.
 ///
-/// The scheduler guarantees: a sequence is added before it appears in a
-/// plan; each plan names a sequence at most once; prefill chunks never run
-/// past the context that was added; the sum of all sequences' context plus
-/// generated tokens never exceeds [`BackendCapacity::kv_tokens`]; a released
-/// sequence is never named again unless it is added anew.
+/// The scheduler guarantees: the KV layout is configured before anything
+/// else; a sequence is added before it appears in a plan; each plan names a
+/// sequence at most once, with a block table that covers all its tokens
+/// after the step; prefill chunks never run past the context that was
+/// added; the blocks of all tables together never exceed the pool; a
+/// released sequence is never named again unless it is added anew.
 ///
 /// A registered sequence that a plan does not name keeps its cache as it
 /// is: this is how the scheduler *pauses* a request for a more urgent one.
@@ -113,6 +135,11 @@ pub trait Backend {
 
     /// What the backend can hold.
     fn capacity(&self) -> BackendCapacity;
+
+    /// Sets the block layout that the tables of every later plan use; called
+    /// once by the scheduler before any sequence is added. `num_blocks *
+    /// block_size` never exceeds [`BackendCapacity::kv_tokens`].
+    fn configure_kv(&mut self, blocks: KvBlocks) -> Result<(), Self::Error>;
 
     /// Registers a sequence whose cache must be built from `context` (the
     /// prompt, followed after a preemption by the tokens generated so far).
@@ -142,6 +169,7 @@ mod tests {
     #[test]
     fn a_plan_counts_prefill_and_decode_tokens() {
         let plan = StepPlan {
+            block_tables: vec![vec![0], vec![1]],
             items: vec![
                 StepItem {
                     id: RequestId(1),

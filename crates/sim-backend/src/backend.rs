@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use batching_types::{
-    Backend, BackendCapacity, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
+    Backend, BackendCapacity, KvBlocks, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
     StepOutput, StepPlan, WorkKind,
 };
 
@@ -22,6 +22,34 @@ struct Sequence {
     last: Option<u32>,
     /// KV slots held: tokens fed so far.
     kv: usize,
+    /// The block table its tokens were written through.
+    table: Vec<u32>,
+}
+
+/// The simulated KV memory: a pool of blocks, each holding the tokens that
+/// were written into it, and which live sequence owns each block. It is the
+/// same model as the MLX backend's pool, so a plan whose tables would let
+/// two sequences write into one block, move a sequence's tokens, or run
+/// past the pool is refused here too.
+#[derive(Debug)]
+struct BlockPool {
+    layout: KvBlocks,
+    contents: Vec<Vec<u32>>,
+    owner: Vec<Option<RequestId>>,
+}
+
+impl BlockPool {
+    fn new(layout: KvBlocks) -> Self {
+        Self {
+            layout,
+            contents: vec![Vec::new(); layout.num_blocks],
+            owner: vec![None; layout.num_blocks],
+        }
+    }
+
+    fn in_use(&self) -> usize {
+        self.owner.iter().filter(|o| o.is_some()).count()
+    }
 }
 
 /// A [`Backend`] with a cost model and deterministic tokens.
@@ -30,6 +58,7 @@ pub struct SimBackend {
     config: SimConfig,
     sequences: HashMap<RequestId, Sequence>,
     control: SimControl,
+    pool: Option<BlockPool>,
 }
 
 impl SimBackend {
@@ -40,6 +69,7 @@ impl SimBackend {
             config,
             sequences: HashMap::new(),
             control: SimControl::default(),
+            pool: None,
         })
     }
 
@@ -63,8 +93,28 @@ impl SimBackend {
     /// Checks the whole plan before anything advances, so a refused plan
     /// changes no state (as a failed step must not).
     fn check_plan(&self, plan: &StepPlan) -> Result<(), SimError> {
+        let Some(pool) = &self.pool else {
+            return Err(self.violation("a plan before configure_kv".into()));
+        };
+        if plan.block_tables.len() != plan.items.len() {
+            return Err(self.violation(format!(
+                "{} block tables for {} plan items",
+                plan.block_tables.len(),
+                plan.items.len()
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
+        let mut writes: HashMap<u32, RequestId> = HashMap::new();
         let mut kv_growth = 0;
+        for (item, table) in plan.items.iter().zip(&plan.block_tables) {
+            if let Some(seq) = self.sequences.get(&item.id) {
+                let grow = match item.kind {
+                    WorkKind::Prefill { len } => len,
+                    WorkKind::Decode => 1,
+                };
+                self.check_table(pool, item.id, seq, table, grow, &mut writes)?;
+            }
+        }
         for item in &plan.items {
             if !seen.insert(item.id) {
                 return Err(self.violation(format!("{} named twice in one plan", item.id)));
@@ -106,6 +156,55 @@ impl SimBackend {
         Ok(())
     }
 
+    /// One item's table: it covers the sequence's tokens after the step,
+    /// keeps the blocks its earlier tokens were written to, stays inside the
+    /// pool, and writes only into blocks no other sequence owns or writes.
+    fn check_table(
+        &self,
+        pool: &BlockPool,
+        id: RequestId,
+        seq: &Sequence,
+        table: &[u32],
+        grow: usize,
+        writes: &mut HashMap<u32, RequestId>,
+    ) -> Result<(), SimError> {
+        let bs = pool.layout.block_size;
+        let after = seq.kv + grow;
+        if table.len() < after.div_ceil(bs) {
+            return Err(self.violation(format!(
+                "{id}: a table of {} blocks for {after} tokens of {bs}",
+                table.len()
+            )));
+        }
+        if let Some(bad) = table
+            .iter()
+            .find(|&&b| b as usize >= pool.layout.num_blocks)
+        {
+            return Err(self.violation(format!(
+                "{id}: block {bad} is outside the pool of {}",
+                pool.layout.num_blocks
+            )));
+        }
+        let written = seq.kv.div_ceil(bs);
+        if table.get(..written) != seq.table.get(..written) {
+            return Err(self.violation(format!(
+                "{id}: its table moved blocks already written ({:?} -> {table:?})",
+                seq.table
+            )));
+        }
+        for position in seq.kv..after {
+            let block = table[position / bs];
+            let owner = pool.owner[block as usize];
+            let other = writes.insert(block, id).filter(|&w| w != id);
+            if owner.is_some_and(|o| o != id) || other.is_some() {
+                return Err(self.violation(format!(
+                    "{id} writes into block {block}, which another sequence holds"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn kv_in_use(&self) -> usize {
         self.sequences.values().map(|s| s.kv).sum()
     }
@@ -122,6 +221,7 @@ impl SimBackend {
 
     fn record(&self, plan: &StepPlan, prefill: usize, decode: usize, failed: bool) {
         let kv = self.kv_in_use();
+        let blocks = self.pool.as_ref().map_or(0, BlockPool::in_use);
         let live = self.sequences.len();
         self.control.with(|s| {
             let st = &mut s.stats;
@@ -133,6 +233,8 @@ impl SimBackend {
             st.max_batch_tokens = st.max_batch_tokens.max(prefill + decode);
             st.kv_in_use = kv;
             st.max_kv_in_use = st.max_kv_in_use.max(kv);
+            st.blocks_in_use = blocks;
+            st.max_blocks_in_use = st.max_blocks_in_use.max(blocks);
             st.live_sequences = live;
         });
     }
@@ -146,6 +248,20 @@ impl Backend for SimBackend {
             kv_tokens: self.config.kv_tokens,
             max_context: self.config.max_context,
         }
+    }
+
+    fn configure_kv(&mut self, blocks: KvBlocks) -> Result<(), SimError> {
+        if self.pool.is_some() {
+            return Err(self.violation("configure_kv called twice".into()));
+        }
+        if blocks.block_size == 0 || blocks.num_blocks * blocks.block_size > self.config.kv_tokens {
+            return Err(self.violation(format!(
+                "{} blocks of {} tokens do not fit in {} KV tokens",
+                blocks.num_blocks, blocks.block_size, self.config.kv_tokens
+            )));
+        }
+        self.pool = Some(BlockPool::new(blocks));
+        Ok(())
     }
 
     fn add_sequence(
@@ -175,6 +291,7 @@ impl Backend for SimBackend {
                 hash: ContextHash::new(sampling.seed),
                 last: None,
                 kv: 0,
+                table: Vec::new(),
             },
         );
         let live = self.sequences.len();
@@ -209,7 +326,7 @@ impl Backend for SimBackend {
         }
         let (vocab, stop) = (self.config.vocab, self.config.stop);
         let mut results = Vec::with_capacity(plan.items.len());
-        for item in &plan.items {
+        for (item, table) in plan.items.iter().zip(&plan.block_tables) {
             let failed = self.control.with(|s| s.fail_sequences.remove(&item.id));
             let Some(seq) = self.sequences.get_mut(&item.id) else {
                 // check_plan has verified every id; this arm is unreachable
@@ -222,6 +339,25 @@ impl Backend for SimBackend {
                     outcome: SequenceOutcome::Failed("injected sequence failure".into()),
                 });
                 continue;
+            }
+            seq.table.clone_from(table);
+            let written: Vec<u32> = match item.kind {
+                WorkKind::Prefill { len } => {
+                    seq.context[seq.prefilled..seq.prefilled + len].to_vec()
+                }
+                WorkKind::Decode => seq.last.into_iter().collect(),
+            };
+            if let Some(pool) = &mut self.pool {
+                let bs = pool.layout.block_size;
+                for (k, &t) in written.iter().enumerate() {
+                    let position = seq.kv + k;
+                    let block = table[position / bs] as usize;
+                    if position % bs == 0 {
+                        pool.contents[block].clear();
+                    }
+                    pool.contents[block].push(t);
+                    pool.owner[block] = Some(item.id);
+                }
             }
             let outcome = match item.kind {
                 WorkKind::Prefill { len } => {
@@ -258,11 +394,23 @@ impl Backend for SimBackend {
     }
 
     fn release(&mut self, id: RequestId) {
-        if self.sequences.remove(&id).is_some() {
+        if let Some(seq) = self.sequences.remove(&id) {
+            // The blocks keep what was written; they are only no longer owned.
+            if let Some(pool) = &mut self.pool {
+                for &block in &seq.table {
+                    if let Some(owner) = pool.owner.get_mut(block as usize) {
+                        if *owner == Some(id) {
+                            *owner = None;
+                        }
+                    }
+                }
+            }
             let kv = self.kv_in_use();
             let live = self.sequences.len();
+            let blocks = self.pool.as_ref().map_or(0, BlockPool::in_use);
             self.control.with(|s| {
                 s.stats.released += 1;
+                s.stats.blocks_in_use = blocks;
                 s.stats.kv_in_use = kv;
                 s.stats.live_sequences = live;
             });

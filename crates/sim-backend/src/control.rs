@@ -32,6 +32,10 @@ pub struct SimStats {
     pub max_kv_in_use: usize,
     /// KV slots in use now.
     pub kv_in_use: usize,
+    /// KV blocks owned by live sequences after the last step.
+    pub blocks_in_use: usize,
+    /// The most KV blocks owned at once.
+    pub max_blocks_in_use: usize,
     /// Sequences currently known.
     pub live_sequences: usize,
     /// The summed cost of all steps.

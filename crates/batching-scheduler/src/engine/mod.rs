@@ -18,8 +18,8 @@ use std::{
 
 use batching_queue::{PriorityQueueWithAging, QueueConfig};
 use batching_types::{
-    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest,
-    Priority, RequestId, RequestStatus, StepOutput, StepPlan,
+    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, KvBlocks,
+    NewRequest, Priority, RequestId, RequestStatus, StepOutput, StepPlan,
 };
 
 use crate::{
@@ -103,7 +103,7 @@ impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Engine<B, C> {
 impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     /// An engine over `backend`; validates `config` against the backend's
     /// capacity (it needs room for at least one block).
-    pub fn new(config: SchedulerConfig, backend: B, clock: C) -> Result<Self, SchedulerError> {
+    pub fn new(config: SchedulerConfig, mut backend: B, clock: C) -> Result<Self, SchedulerError> {
         config.validate()?;
         let capacity = backend.capacity();
         let total_blocks = capacity.kv_tokens / config.block_size;
@@ -113,6 +113,15 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 capacity.kv_tokens, capacity.max_context, config.block_size
             )));
         }
+        // Block ids above u32::MAX are never handed out, so the pool the
+        // backend builds is what the allocator can address.
+        let total_blocks = total_blocks.min(u32::MAX as usize);
+        backend
+            .configure_kv(KvBlocks {
+                block_size: config.block_size,
+                num_blocks: total_blocks,
+            })
+            .map_err(|e| SchedulerError::Backend(e.to_string()))?;
         let queue = PriorityQueueWithAging::with_clock(
             QueueConfig {
                 aging_rate: config.aging_rate,
@@ -224,7 +233,14 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         // so these indices stay valid.
         let (items, slots) = self.plan(now, &mut trace);
         if !items.is_empty() {
-            let plan = StepPlan { items };
+            let block_tables = slots
+                .iter()
+                .map(|&i| self.active[i].req.block_table.clone())
+                .collect();
+            let plan = StepPlan {
+                items,
+                block_tables,
+            };
             self.hot.batch_size.record(plan.items.len() as f64);
             self.hot.batch_tokens.record(plan.num_tokens() as f64);
             self.hot.steps.increment(1);
