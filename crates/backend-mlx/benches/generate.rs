@@ -18,7 +18,7 @@ use std::{
 };
 
 use backend_mlx::{Device, LoadOptions, MlxBackend, ModelDType};
-use batching_types::{Backend, RequestId, SamplingParams, StepItem, StepPlan, WorkKind};
+use batching_types::{Backend, KvBlocks, RequestId, SamplingParams, StepItem, StepPlan, WorkKind};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 /// Context tokens of each decoding sequence when decoding starts.
@@ -52,6 +52,38 @@ fn model_dir() -> Option<PathBuf> {
     }
 }
 
+/// Tokens per KV block, as the scheduler's default.
+const BLOCK_SIZE: usize = 16;
+/// Blocks each decoding sequence may use: its prompt and 512 steps.
+const BLOCKS_PER_SEQUENCE: usize = (DECODE_PROMPT + 513).div_ceil(BLOCK_SIZE);
+
+/// Loads the model on the CPU with its KV pool configured.
+fn load(dir: &PathBuf, dtype: ModelDType, batch: usize) -> MlxBackend {
+    let mut backend = MlxBackend::load(&LoadOptions {
+        device: Device::Cpu,
+        dtype: Some(dtype),
+        max_batch_size: batch.max(1),
+        ..LoadOptions::new(dir)
+    })
+    .unwrap();
+    let num_blocks = backend.capacity().kv_tokens / BLOCK_SIZE;
+    backend
+        .configure_kv(KvBlocks {
+            block_size: BLOCK_SIZE,
+            num_blocks,
+        })
+        .unwrap();
+    backend
+}
+
+/// The block table of batch slot `slot`: its own fixed run of blocks.
+fn table(slot: usize) -> Vec<u32> {
+    let first = slot * BLOCKS_PER_SEQUENCE;
+    (first..first + BLOCKS_PER_SEQUENCE)
+        .map(|b| b as u32)
+        .collect()
+}
+
 /// Distinct, deterministic prompt tokens.
 fn prompt(seq: u64, len: usize) -> Vec<u32> {
     (0..len as u64)
@@ -70,13 +102,7 @@ struct Decoder {
 
 impl Decoder {
     fn new(dir: &PathBuf, dtype: ModelDType, batch: usize) -> Self {
-        let backend = MlxBackend::load(&LoadOptions {
-            device: Device::Cpu,
-            dtype: Some(dtype),
-            max_batch_size: batch.max(1),
-            ..LoadOptions::new(dir)
-        })
-        .unwrap();
+        let backend = load(dir, dtype, batch);
         let mut d = Self {
             backend,
             ids: Vec::new(),
@@ -105,6 +131,7 @@ impl Decoder {
                 id,
                 kind: WorkKind::Prefill { len: DECODE_PROMPT },
             });
+            prefill.block_tables.push(table(self.ids.len()));
             self.ids.push(id);
         }
         self.backend.step(&prefill).unwrap();
@@ -117,6 +144,7 @@ impl Decoder {
                     kind: WorkKind::Decode,
                 })
                 .collect(),
+            block_tables: (0..self.ids.len()).map(table).collect(),
         };
     }
 
@@ -152,6 +180,7 @@ fn prefill_once(backend: &mut MlxBackend, id: u64) -> Duration {
                 len: PREFILL_PROMPT,
             },
         }],
+        block_tables: vec![(0..PREFILL_PROMPT.div_ceil(BLOCK_SIZE) as u32).collect()],
     };
     let start = Instant::now();
     backend.step(&plan).unwrap();
@@ -176,12 +205,7 @@ fn main() {
         let dtype: ModelDType = dtype_name.parse().unwrap();
 
         // Prefill.
-        let mut backend = MlxBackend::load(&LoadOptions {
-            device: Device::Cpu,
-            dtype: Some(dtype),
-            ..LoadOptions::new(&dir)
-        })
-        .unwrap();
+        let mut backend = load(&dir, dtype, 1);
         prefill_once(&mut backend, 1_000_000);
         let _ = mlx_rs::memory::reset_peak_memory();
         let runs = 3;

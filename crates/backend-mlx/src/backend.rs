@@ -2,7 +2,9 @@
 //!
 //! Each step turns the plan into one [`StepBatch`], builds one MLX graph for
 //! it, evaluates it once (the step's only host sync), and samples on the
-//! host. Items that cannot run (an unknown id, a chunk past its context, a
+//! host. Keys and values live in a [`KvPool`] of blocks addressed by the
+//! block tables that come with the plan: the scheduler's ids are the
+//! memory. Items that cannot run (an unknown id, a chunk past its context, a
 //! context past the model's limit) fail alone and are left out of the batch.
 
 use std::{
@@ -12,15 +14,15 @@ use std::{
 };
 
 use batching_types::{
-    Backend, BackendCapacity, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
+    Backend, BackendCapacity, KvBlocks, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
     StepOutput, StepPlan, WorkKind,
 };
 use mlx_rs::Dtype;
 
 use crate::{
     error::BackendError,
-    kv_cache::KvCache,
-    model::{Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
+    kv_pool::KvPool,
+    model::{llama::Decode, Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
     sampling, Device,
 };
 
@@ -73,7 +75,8 @@ impl LoadOptions {
 
 /// One registered sequence.
 struct Sequence {
-    row: usize,
+    /// Tokens written to the pool (context and generated).
+    cached: usize,
     context: Vec<u32>,
     /// Context tokens already in the cache.
     prefilled: usize,
@@ -83,13 +86,13 @@ struct Sequence {
     seed: u64,
 }
 
-/// A Llama-family model on MLX with a batched KV cache.
+/// A Llama-family model on MLX with a paged KV cache.
 ///
 /// Not `Send` in spirit: MLX arrays belong to the thread that made them, so
 /// the scheduler builds the backend on its engine thread.
 pub struct MlxBackend {
     model: LlamaModel,
-    cache: KvCache,
+    pool: KvPool,
     sequences: HashMap<RequestId, Sequence>,
     capacity: BackendCapacity,
     info: ModelInfo,
@@ -147,7 +150,7 @@ impl MlxBackend {
             max_context: info.max_context.min(kv_tokens),
         };
         Ok(Self {
-            cache: KvCache::new(layout, kv_dtype),
+            pool: KvPool::new(layout, kv_dtype),
             model,
             sequences: HashMap::new(),
             capacity,
@@ -180,9 +183,14 @@ impl MlxBackend {
         self.model.dtype()
     }
 
-    /// Bytes the KV cache holds now (padding included).
+    /// Bytes the KV pool holds now.
     pub fn kv_allocated_bytes(&self) -> usize {
-        self.cache.allocated_bytes()
+        self.pool.allocated_bytes()
+    }
+
+    /// Bytes of one KV block over all layers (0 before `configure_kv`).
+    pub fn kv_block_bytes(&self) -> usize {
+        self.pool.block_bytes()
     }
 
     /// Registered sequences.
@@ -194,6 +202,7 @@ impl MlxBackend {
         &self,
         id: RequestId,
         kind: WorkKind,
+        table: Option<&Vec<u32>>,
         batch: &mut StepBatch,
         chunks_tokens: &mut Vec<u32>,
         chunk_samples: &mut Vec<(usize, usize)>,
@@ -202,8 +211,22 @@ impl MlxBackend {
         let Some(seq) = self.sequences.get(&id) else {
             return Planned::Failed(format!("{id} is not registered"));
         };
-        let cached = self.cache.len(seq.row);
+        let Some(table) = table else {
+            return Planned::Failed(format!("{id} has no block table in the plan"));
+        };
+        let cached = seq.cached;
         let max_context = self.capacity.max_context;
+        let bs = self.pool.blocks().map_or(1, |b| b.block_size);
+        let num_blocks = self.pool.blocks().map_or(0, |b| b.num_blocks);
+        let after = match kind {
+            WorkKind::Decode => cached + 1,
+            WorkKind::Prefill { len } => seq.prefilled + len,
+        };
+        if table.len() < after.div_ceil(bs) || table.iter().any(|&b| b as usize >= num_blocks) {
+            return Planned::Failed(format!(
+                "{id}: its block table {table:?} does not hold {after} tokens in a pool of {num_blocks} blocks of {bs}"
+            ));
+        }
         match kind {
             WorkKind::Decode => {
                 let Some(last) = seq.last.filter(|_| seq.prefilled == seq.context.len()) else {
@@ -215,8 +238,11 @@ impl MlxBackend {
                     ));
                 }
                 batch.tokens.push(last);
-                batch.decode_rows.push(seq.row);
-                let index = batch.decode_rows.len() - 1;
+                batch.decodes.push(Decode {
+                    table: table.clone(),
+                    position: cached,
+                });
+                let index = batch.decodes.len() - 1;
                 batch.sample_at.push(index);
                 Planned::Sample(batch.sample_at.len() - 1, (cached + 1) as u64)
             }
@@ -232,7 +258,7 @@ impl MlxBackend {
                 let start = chunks_tokens.len();
                 chunks_tokens.extend_from_slice(&seq.context[seq.prefilled..end]);
                 batch.chunks.push(Chunk {
-                    row: seq.row,
+                    table: table.clone(),
                     start,
                     len,
                     position: seq.prefilled,
@@ -254,6 +280,24 @@ impl Backend for MlxBackend {
 
     fn capacity(&self) -> BackendCapacity {
         self.capacity
+    }
+
+    fn configure_kv(&mut self, blocks: KvBlocks) -> Result<(), Self::Error> {
+        if blocks.block_size == 0
+            || blocks.num_blocks.saturating_mul(blocks.block_size) > self.capacity.kv_tokens
+        {
+            return Err(BackendError::Sequence(format!(
+                "{} KV blocks of {} tokens do not fit in the {} KV tokens this backend holds",
+                blocks.num_blocks, blocks.block_size, self.capacity.kv_tokens
+            )));
+        }
+        if !self.sequences.is_empty() {
+            return Err(BackendError::Sequence(
+                "the KV layout cannot change while sequences are registered".into(),
+            ));
+        }
+        self.pool.configure(blocks);
+        Ok(())
     }
 
     fn add_sequence(
@@ -291,11 +335,15 @@ impl Backend for MlxBackend {
         let seed = sampling
             .seed
             .unwrap_or_else(|| RandomState::new().hash_one(id.0));
-        let row = self.cache.acquire_row();
+        if self.pool.blocks().is_none() {
+            return Err(BackendError::Sequence(
+                "configure_kv must come before any sequence".into(),
+            ));
+        }
         self.sequences.insert(
             id,
             Sequence {
-                row,
+                cached: 0,
                 context: context.to_vec(),
                 prefilled: 0,
                 last: None,
@@ -315,6 +363,7 @@ impl Backend for MlxBackend {
             let p = self.plan_item(
                 item.id,
                 item.kind,
+                plan.block_tables.get(i),
                 &mut batch,
                 &mut chunk_tokens,
                 &mut chunk_samples,
@@ -323,7 +372,7 @@ impl Backend for MlxBackend {
             planned.push(p);
         }
         // Prefill tokens follow the decodes in the stacked activation.
-        let n_dec = batch.decode_rows.len();
+        let n_dec = batch.decodes.len();
         batch.tokens.extend_from_slice(&chunk_tokens);
         for chunk in &mut batch.chunks {
             chunk.start += n_dec;
@@ -336,10 +385,10 @@ impl Backend for MlxBackend {
         }
 
         self.last_logits = None;
-        let logits = self.model.forward(&batch, &mut self.cache)?;
+        let logits = self.model.forward(&batch, &mut self.pool)?;
         match &logits {
             Some(l) => mlx_rs::transforms::eval([l])?,
-            None => mlx_rs::transforms::eval(self.cache.all_arrays())?,
+            None => mlx_rs::transforms::eval(self.pool.all_arrays())?,
         }
         let empty: &[f32] = &[];
         let host = logits.as_ref().map_or(empty, |l| l.as_slice::<f32>());
@@ -385,8 +434,10 @@ impl Backend for MlxBackend {
     }
 
     fn release(&mut self, id: RequestId) {
-        if let Some(seq) = self.sequences.remove(&id) {
-            self.cache.release_row(seq.row);
+        // The scheduler owns the blocks; the pool only goes when nothing
+        // is left to read from it.
+        if self.sequences.remove(&id).is_some() && self.sequences.is_empty() {
+            self.pool.clear();
         }
     }
 }
@@ -404,7 +455,6 @@ impl MlxBackend {
             }
             WorkKind::Decode => 1,
         };
-        let len = self.cache.len(seq.row) + written;
-        self.cache.set_len(seq.row, len);
+        seq.cached += written;
     }
 }

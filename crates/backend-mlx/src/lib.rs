@@ -15,7 +15,7 @@
 mod backend;
 mod device;
 mod error;
-pub mod kv_cache;
+pub mod kv_pool;
 pub mod model;
 pub mod sampling;
 mod tokenizer;

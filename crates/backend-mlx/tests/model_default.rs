@@ -9,9 +9,10 @@ mod model_support;
 use std::path::PathBuf;
 
 use backend_mlx::{ChatMessage, ModelDType, ModelInfo, Tokenizer};
-use batching_types::{Backend, RequestId, SequenceOutcome, StepItem, StepPlan, WorkKind};
+use batching_types::{Backend, RequestId, SequenceOutcome, StepItem, WorkKind};
 use model_support::{
-    generate_batched, greedy, load, python_reference, run_reference, workspace_root, TempDir,
+    generate_batched, greedy, load, python_reference, run_reference, workspace_root, Tables,
+    TempDir,
 };
 
 fn model_dir() -> Option<PathBuf> {
@@ -126,17 +127,17 @@ fn default_model_matches_mlx_lm() {
                 .add_sequence(RequestId(i as u64), p, &greedy())
                 .unwrap();
         }
-        let mut plan = StepPlan {
-            items: (0..prompts.len())
-                .map(|i| StepItem {
-                    id: RequestId(i as u64),
-                    kind: WorkKind::Prefill {
-                        len: prompts[i].len(),
-                    },
-                })
-                .collect(),
-        };
+        let mut tables = Tables::default();
+        let mut items: Vec<StepItem> = (0..prompts.len())
+            .map(|i| StepItem {
+                id: RequestId(i as u64),
+                kind: WorkKind::Prefill {
+                    len: prompts[i].len(),
+                },
+            })
+            .collect();
         for step in 0..=steps {
+            let plan = tables.plan(items.clone());
             let out = backend.step(&plan).unwrap();
             for (i, r) in out.results.iter().enumerate() {
                 let reference = &refs[i]["steps"][step];
@@ -163,9 +164,7 @@ fn default_model_matches_mlx_lm() {
                 );
                 worst = worst.max(diff);
             }
-            plan.items
-                .iter_mut()
-                .for_each(|it| it.kind = WorkKind::Decode);
+            items.iter_mut().for_each(|it| it.kind = WorkKind::Decode);
         }
         eprintln!("{dtype:?}: worst top-64 logit difference {worst:e}");
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use backend_mlx::{BackendError, Device, LoadOptions, MlxBackend};
 use batching_types::{Backend, RequestId, SequenceOutcome, StepItem, StepPlan, WorkKind};
 use mlx_rs::Array;
-use model_support::{greedy, load, write_tiny_model, TempDir, TinySpec};
+use model_support::{greedy, load, write_tiny_model, Tables, TempDir, TinySpec};
 
 fn try_load(dir: &std::path::Path) -> Result<MlxBackend, BackendError> {
     MlxBackend::load(&LoadOptions {
@@ -115,22 +115,21 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
     assert!(backend
         .add_sequence(RequestId(4), &[999], &greedy())
         .is_err());
-    let plan = StepPlan {
-        items: vec![
-            StepItem {
-                id: RequestId(1),
-                kind: WorkKind::Prefill { len: 2 },
-            },
-            StepItem {
-                id: RequestId(2),
-                kind: WorkKind::Prefill { len: 5 },
-            },
-            StepItem {
-                id: RequestId(9),
-                kind: WorkKind::Decode,
-            },
-        ],
-    };
+    let mut tables = Tables::default();
+    let plan = tables.plan(vec![
+        StepItem {
+            id: RequestId(1),
+            kind: WorkKind::Prefill { len: 2 },
+        },
+        StepItem {
+            id: RequestId(2),
+            kind: WorkKind::Prefill { len: 5 },
+        },
+        StepItem {
+            id: RequestId(9),
+            kind: WorkKind::Decode,
+        },
+    ]);
     let out = backend.step(&plan).unwrap();
     assert_eq!(out.results[0].outcome, SequenceOutcome::Pending);
     assert!(matches!(&out.results[1].outcome, SequenceOutcome::Failed(m) if m.contains("past")));
@@ -138,30 +137,36 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
         matches!(&out.results[2].outcome, SequenceOutcome::Failed(m) if m.contains("not registered"))
     );
     // Decoding before the prefill finished is refused; finishing it works.
-    let decode = StepPlan {
-        items: vec![StepItem {
-            id: RequestId(1),
-            kind: WorkKind::Decode,
-        }],
+    let decode_item = StepItem {
+        id: RequestId(1),
+        kind: WorkKind::Decode,
     };
+    let decode = tables.plan(vec![decode_item]);
     assert!(matches!(
         backend.step(&decode).unwrap().results[0].outcome,
         SequenceOutcome::Failed(_)
     ));
-    let finish = StepPlan {
-        items: vec![StepItem {
-            id: RequestId(1),
-            kind: WorkKind::Prefill { len: 1 },
-        }],
-    };
+    let finish = tables.plan(vec![StepItem {
+        id: RequestId(1),
+        kind: WorkKind::Prefill { len: 1 },
+    }]);
     assert!(matches!(
         backend.step(&finish).unwrap().results[0].outcome,
         SequenceOutcome::Token(_)
     ));
+    let decode = tables.plan(vec![decode_item]);
     assert!(matches!(
         backend.step(&decode).unwrap().results[0].outcome,
         SequenceOutcome::Token(_)
     ));
+    // A table that does not reach the token being written fails that item.
+    let short = StepPlan {
+        items: vec![decode_item],
+        block_tables: vec![vec![]],
+    };
+    assert!(
+        matches!(&backend.step(&short).unwrap().results[0].outcome, SequenceOutcome::Failed(m) if m.contains("block table"))
+    );
     backend.release(RequestId(1));
     backend.release(RequestId(1));
     assert_eq!(backend.num_sequences(), 1);

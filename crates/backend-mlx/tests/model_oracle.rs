@@ -13,8 +13,8 @@ mod model_support;
 use std::path::Path;
 
 use backend_mlx::ModelDType;
-use batching_types::{Backend, RequestId, StepItem, StepPlan, WorkKind};
-use model_support::{greedy, load, python_reference, run_reference, TempDir};
+use batching_types::{Backend, RequestId, StepItem, WorkKind};
+use model_support::{greedy, load, python_reference, run_reference, Tables, TempDir};
 use serde_json::Value;
 
 /// One prompt's reference: the greedy token and logits of each step.
@@ -93,8 +93,9 @@ fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
     let mut prefilled = vec![0usize; refs.len()];
     let mut produced = vec![0usize; refs.len()];
     let mut worst = 0f32;
+    let mut tables = Tables::default();
     while produced.iter().zip(refs).any(|(&n, r)| n < r.tokens.len()) {
-        let mut plan = StepPlan::default();
+        let mut items = Vec::new();
         for (i, r) in refs.iter().enumerate() {
             if produced[i] >= r.tokens.len() {
                 continue;
@@ -106,8 +107,9 @@ fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
             } else {
                 WorkKind::Decode
             };
-            plan.items.push(StepItem { id: ids[i], kind });
+            items.push(StepItem { id: ids[i], kind });
         }
+        let plan = tables.plan(items);
         let out = backend.step(&plan).unwrap();
         for (item, result) in plan.items.iter().zip(out.results) {
             let i = item.id.0 as usize;

@@ -4,8 +4,10 @@
 //! Every token of a step (one per decoding sequence, `len` per prefill
 //! chunk) is stacked into one `[T, hidden]` activation, so each projection
 //! and MLP runs as one matmul per layer whatever the batch. Only attention
-//! is grouped: all decodes attend together over the padded cache with a
-//! mask, and each prefill chunk attends over its own row with a causal mask.
+//! is grouped: the step's keys and values are scattered into the block
+//! pool, then all decodes attend together over their gathered blocks with
+//! a mask, and each prefill chunk attends over its own blocks with a causal
+//! mask. The gather is transient: it lives for one layer of one step.
 
 use mlx_rs::{
     fast::{self, ScaledDotProductAttentionMask},
@@ -20,7 +22,7 @@ use super::{
 };
 use crate::{
     error::BackendError,
-    kv_cache::{KvCache, KvLayout},
+    kv_pool::{KvLayout, KvPool},
 };
 
 type MlxResult<T> = mlx_rs::error::Result<T>;
@@ -51,10 +53,10 @@ pub struct LlamaModel {
 }
 
 /// A prefill chunk inside a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    /// The sequence's cache row.
-    pub row: usize,
+    /// The sequence's block table, covering the chunk's last token.
+    pub table: Vec<u32>,
     /// Index of the chunk's first token in [`StepBatch::tokens`].
     pub start: usize,
     /// Tokens in the chunk.
@@ -63,14 +65,22 @@ pub struct Chunk {
     pub position: usize,
 }
 
+/// One decoding sequence inside a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decode {
+    /// The sequence's block table, covering the fed token.
+    pub table: Vec<u32>,
+    /// Absolute position of the fed token (the tokens already cached).
+    pub position: usize,
+}
+
 /// The tokens of one step, decodes first, then prefill chunks in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepBatch {
     /// Every token fed this step.
     pub tokens: Vec<u32>,
-    /// The cache row of each decode token (`tokens[..decode_rows.len()]`);
-    /// its position is the row's current length.
-    pub decode_rows: Vec<usize>,
+    /// The decoding sequences, one per token of `tokens[..decodes.len()]`.
+    pub decodes: Vec<Decode>,
     /// The prefill chunks, covering the rest of `tokens`.
     pub chunks: Vec<Chunk>,
     /// Indices into `tokens` whose next-token logits are wanted.
@@ -199,124 +209,119 @@ impl LlamaModel {
     }
 
     /// Builds the graph of one step, writes the step's keys and values into
-    /// `cache` and returns the logits (`[sample_at.len(), vocab]`, f32) of
-    /// the requested tokens, unevaluated. The caller evaluates once per step
-    /// and updates the row lengths.
-    pub fn forward(&self, batch: &StepBatch, cache: &mut KvCache) -> MlxResult<Option<Array>> {
+    /// `pool` and returns the logits (`[sample_at.len(), vocab]`, f32) of
+    /// the requested tokens, unevaluated. The caller evaluates once per step.
+    pub fn forward(&self, batch: &StepBatch, pool: &mut KvPool) -> MlxResult<Option<Array>> {
         let c = &self.config;
         let t = batch.tokens.len();
         if t == 0 {
             return Ok(None);
         }
+        let Some(blocks) = pool.blocks() else {
+            return Err(mlx_rs::error::Exception::custom(
+                "the KV pool was not configured",
+            ));
+        };
+        let bs = blocks.block_size;
         let (heads, kv_heads, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let rep = heads / kv_heads;
-        let n_dec = batch.decode_rows.len();
+        let width = kv_heads * hd;
+        let n_dec = batch.decodes.len();
 
-        // Positions and rows of every token, in `tokens` order.
-        let mut rows = Vec::with_capacity(t);
+        // Position and pool row of every token, in `tokens` order.
         let mut positions = Vec::with_capacity(t);
-        for &row in &batch.decode_rows {
-            rows.push(row);
-            positions.push(cache.len(row));
+        let mut slots = Vec::with_capacity(t);
+        let mut top_block = 0usize;
+        let mut place = |table: &[u32], pos: usize| -> MlxResult<()> {
+            let Some(&block) = table.get(pos / bs) else {
+                return Err(mlx_rs::error::Exception::custom(format!(
+                    "a block table of {} blocks does not reach position {pos}",
+                    table.len()
+                )));
+            };
+            top_block = top_block.max(block as usize + 1);
+            positions.push(pos as i32);
+            slots.push((block as usize * bs + pos % bs) as i32);
+            Ok(())
+        };
+        for d in &batch.decodes {
+            place(&d.table, d.position)?;
         }
         for chunk in &batch.chunks {
             for i in 0..chunk.len {
-                rows.push(chunk.row);
-                positions.push(chunk.position + i);
+                place(&chunk.table, chunk.position + i)?;
             }
         }
-        let needed_cols = positions.iter().map(|p| p + 1).max().unwrap_or(1);
-        cache.reserve(needed_cols)?;
-        let cols = cache.cols();
-        let live = cache.live_rows();
-
-        // Where each token's key/value heads go in the flat cache.
-        let mut slots = Vec::with_capacity(t * kv_heads as usize);
-        for (&row, &pos) in rows.iter().zip(&positions) {
-            let base = cache.slot(row, pos);
-            for h in 0..kv_heads {
-                slots.push(base + h * cols as i32);
+        for table in batch
+            .decodes
+            .iter()
+            .map(|d| &d.table)
+            .chain(batch.chunks.iter().map(|c| &c.table))
+        {
+            if let Some(&top) = table.iter().max() {
+                top_block = top_block.max(top as usize + 1);
             }
         }
-        let slots = Array::from_slice(&slots, &[slots.len() as i32]);
-        let pos_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let offsets = Array::from_slice(&pos_i32, &[t as i32]);
-
-        // Decode attention spans the live rows; rows that do not decode
-        // this step borrow query 0 and their output is dropped.
-        let decode = if n_dec > 0 {
-            Some(DecodePlan::new(
-                batch,
-                &positions[..n_dec],
-                live,
-                self.dtype,
-            )?)
-        } else {
-            None
-        };
+        pool.ensure(top_block)?;
+        let slots = Array::from_slice(&slots, &[t as i32]);
+        let offsets = Array::from_slice(&positions, &[t as i32]);
+        let gather = GatherPlan::new(batch, bs, self.dtype)?;
 
         let ids = Array::from_slice(&batch.tokens, &[t as i32]);
         let mut h = self.embed.lookup(&ids)?;
         let scale = (c.head_dim as f32).powf(-0.5);
+        let pool_rows = (pool.allocated_blocks() * bs) as i32;
+        let block_shape = [pool.allocated_blocks() as i32, bs as i32 * width];
         for (layer, block) in self.blocks.iter().enumerate() {
             let x = fast::rms_norm(&h, Some(&block.input_norm), c.rms_norm_eps)?;
             let qkv = block.qkv.forward(&x)?;
             let parts = split_last(&qkv, &[heads * hd, kv_heads * hd, kv_heads * hd]);
             let q = self.rope(&parts[0].reshape(&[t as i32, heads, 1, hd])?, &offsets)?;
             let k = self.rope(&parts[1].reshape(&[t as i32, kv_heads, 1, hd])?, &offsets)?;
-            let v = parts[2].reshape(&[t as i32 * kv_heads, 1, hd])?;
-            let k = k.reshape(&[t as i32 * kv_heads, 1, hd])?;
+            let k = k.reshape(&[t as i32, 1, width])?;
+            let v = parts[2].reshape(&[t as i32, 1, width])?;
 
-            let Some((old_k, old_v)) = cache.layer(layer).cloned() else {
-                return Err(mlx_rs::error::Exception::custom("KV cache not allocated"));
+            let Some((old_k, old_v)) = pool.layer(layer).cloned() else {
+                return Err(mlx_rs::error::Exception::custom("KV pool not allocated"));
             };
             let keys = ops::indexing::scatter_single(&old_k, &slots, &k, 0)?;
             let values = ops::indexing::scatter_single(&old_v, &slots, &v, 0)?;
             drop((old_k, old_v));
-            let shape4 = [cache.rows() as i32, kv_heads, cols as i32, hd];
-            let keys4 = keys.reshape(&shape4)?;
-            let values4 = values.reshape(&shape4)?;
-            cache.set_layer(layer, keys, values);
+            debug_assert_eq!(keys.dim(0), pool_rows);
+            // Blocks as rows, for gathering whole blocks at once.
+            let key_blocks = keys.reshape(&block_shape)?;
+            let value_blocks = values.reshape(&block_shape)?;
+            pool.set_layer(layer, keys, values);
 
             let mut outs: Vec<Array> = Vec::with_capacity(1 + batch.chunks.len());
-            if let Some(plan) = &decode {
-                let q_dec = q
-                    .index(0..n_dec as i32)
-                    .reshape(&[n_dec as i32, kv_heads, rep, hd])?;
-                let q_rows = match &plan.query_rows {
-                    Some(idx) => q_dec.take_axis(idx, 0)?,
-                    None => q_dec,
-                };
-                let kk = keys4.index((0..live as i32, .., 0..plan.cols));
-                let vv = values4.index((0..live as i32, .., 0..plan.cols));
+            if let Some(plan) = &gather.decode {
                 // The `rep` query heads that share a KV head ride in the
                 // query-length axis: one small matmul per KV head instead
                 // of one per query head.
+                let q_dec = q
+                    .index(0..n_dec as i32)
+                    .reshape(&[n_dec as i32, kv_heads, rep, hd])?;
+                let kk = plan.gather(&key_blocks, kv_heads, hd)?;
+                let vv = plan.gather(&value_blocks, kv_heads, hd)?;
                 let o = fast::scaled_dot_product_attention(
-                    &q_rows,
+                    &q_dec,
                     &kk,
                     &vv,
                     scale,
                     ScaledDotProductAttentionMask::Array(&plan.mask),
                     None,
                 )?;
-                let o = match &plan.output_rows {
-                    Some(idx) => o.take_axis(idx, 0)?,
-                    None => o,
-                };
                 outs.push(o.reshape(&[n_dec as i32, heads * hd])?);
             }
-            for chunk in &batch.chunks {
+            for (chunk, plan) in batch.chunks.iter().zip(&gather.chunks) {
                 let (s, n) = (chunk.start as i32, chunk.len as i32);
                 let qc = q
                     .index(s..s + n)
                     .reshape(&[n, heads, hd])?
                     .transpose_axes(&[1, 0, 2])?
                     .reshape(&[1, heads, n, hd])?;
-                let end = (chunk.position + chunk.len) as i32;
-                let r = chunk.row as i32;
-                let kk = keys4.index((r..r + 1, .., 0..end));
-                let vv = values4.index((r..r + 1, .., 0..end));
+                let kk = plan.gather(&key_blocks, kv_heads, hd)?;
+                let vv = plan.gather(&value_blocks, kv_heads, hd)?;
                 let o = fast::scaled_dot_product_attention(
                     &qc,
                     &kk,
@@ -402,57 +407,107 @@ fn push_linear<'a>(l: &'a Linear, all: &mut Vec<&'a Array>) {
     }
 }
 
-/// What decode attention needs besides the queries: the mask and the row
-/// mappings, built once per step and shared by every layer.
-struct DecodePlan {
-    /// Additive mask `[live, 1, 1, cols]`.
-    mask: Array,
-    /// Columns attended (the longest decoding sequence).
-    cols: i32,
-    /// For each live row, which decode query it uses; `None` when decode
-    /// `i` is row `i` for every row.
-    query_rows: Option<Array>,
-    /// For each decode, its row in the attention output; `None` likewise.
-    output_rows: Option<Array>,
+/// Which blocks one attention call reads, built once per step and shared
+/// by every layer.
+struct BlockGather {
+    /// Block ids, `[rows * blocks_per_row]`, padded with block 0 (masked).
+    ids: Array,
+    /// Rows (sequences) in the gather.
+    rows: i32,
+    /// Tokens gathered per row (`blocks_per_row * block_size`).
+    span: i32,
+    /// Tokens attended per row: the gather is cut to this (chunks only).
+    keep: Option<i32>,
 }
 
-impl DecodePlan {
-    fn new(batch: &StepBatch, positions: &[usize], live: usize, dtype: Dtype) -> MlxResult<Self> {
-        let cols = positions.iter().map(|p| p + 1).max().unwrap_or(1);
-        let mut mask = vec![f32::NEG_INFINITY; live * cols];
-        let mut query_of_row = vec![0i32; live];
-        for row in 0..live {
-            // Rows that do not decode see column 0 only, which keeps their
-            // (discarded) softmax finite.
-            mask[row * cols] = 0.0;
-        }
-        for (i, (&row, &pos)) in batch.decode_rows.iter().zip(positions).enumerate() {
-            mask[row * cols..row * cols + pos + 1].fill(0.0);
-            query_of_row[row] = i as i32;
-        }
-        let identity = live == batch.decode_rows.len()
-            && batch.decode_rows.iter().enumerate().all(|(i, &r)| i == r);
-        let mask = Array::from_slice(&mask, &[live as i32, 1, 1, cols as i32]);
-        let mask = if dtype == Dtype::Float32 {
-            mask
-        } else {
-            mask.as_dtype(dtype)?
+impl BlockGather {
+    /// `[rows, kv_heads, span, head_dim]` keys or values of these blocks.
+    fn gather(&self, blocks: &Array, kv_heads: i32, hd: i32) -> MlxResult<Array> {
+        let g = blocks
+            .take_axis(&self.ids, 0)?
+            .reshape(&[self.rows, self.span, kv_heads, hd])?;
+        let g = match self.keep {
+            Some(keep) if keep < self.span => g.index((.., 0..keep)),
+            _ => g,
         };
-        let (query_rows, output_rows) = if identity {
-            (None, None)
+        g.transpose_axes(&[0, 2, 1, 3])
+    }
+}
+
+/// Decode attention: the blocks and an additive mask `[rows, 1, 1, span]`
+/// that hides what lies past each sequence's own length.
+struct DecodeGather {
+    gather: BlockGather,
+    mask: Array,
+}
+
+impl std::ops::Deref for DecodeGather {
+    type Target = BlockGather;
+    fn deref(&self) -> &BlockGather {
+        &self.gather
+    }
+}
+
+/// What attention reads in one step.
+struct GatherPlan {
+    decode: Option<DecodeGather>,
+    chunks: Vec<BlockGather>,
+}
+
+impl GatherPlan {
+    fn new(batch: &StepBatch, bs: usize, dtype: Dtype) -> MlxResult<Self> {
+        let decode = if batch.decodes.is_empty() {
+            None
         } else {
-            let out: Vec<i32> = batch.decode_rows.iter().map(|&r| r as i32).collect();
-            (
-                Some(Array::from_slice(&query_of_row, &[live as i32])),
-                Some(Array::from_slice(&out, &[out.len() as i32])),
-            )
+            let per_row = batch
+                .decodes
+                .iter()
+                .map(|d| (d.position + 1).div_ceil(bs))
+                .max()
+                .unwrap_or(1);
+            let span = per_row * bs;
+            let rows = batch.decodes.len();
+            let mut ids = vec![0i32; rows * per_row];
+            let mut mask = vec![f32::NEG_INFINITY; rows * span];
+            for (r, d) in batch.decodes.iter().enumerate() {
+                let used = (d.position + 1).div_ceil(bs);
+                for (k, &b) in d.table.iter().take(used).enumerate() {
+                    ids[r * per_row + k] = b as i32;
+                }
+                mask[r * span..r * span + d.position + 1].fill(0.0);
+            }
+            let mask = Array::from_slice(&mask, &[rows as i32, 1, 1, span as i32]);
+            let mask = if dtype == Dtype::Float32 {
+                mask
+            } else {
+                mask.as_dtype(dtype)?
+            };
+            Some(DecodeGather {
+                gather: BlockGather {
+                    ids: Array::from_slice(&ids, &[ids.len() as i32]),
+                    rows: rows as i32,
+                    span: span as i32,
+                    keep: None,
+                },
+                mask,
+            })
         };
-        Ok(Self {
-            mask,
-            cols: cols as i32,
-            query_rows,
-            output_rows,
-        })
+        let chunks = batch
+            .chunks
+            .iter()
+            .map(|chunk| {
+                let end = chunk.position + chunk.len;
+                let used = end.div_ceil(bs);
+                let ids: Vec<i32> = chunk.table.iter().take(used).map(|&b| b as i32).collect();
+                BlockGather {
+                    ids: Array::from_slice(&ids, &[ids.len() as i32]),
+                    rows: 1,
+                    span: (used * bs) as i32,
+                    keep: Some(end as i32),
+                }
+            })
+            .collect();
+        Ok(Self { decode, chunks })
     }
 }
 

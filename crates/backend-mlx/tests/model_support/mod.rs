@@ -10,7 +10,7 @@ use std::{
 
 use backend_mlx::{Device, LoadOptions, MlxBackend, ModelDType};
 use batching_types::{
-    Backend, RequestId, SamplingParams, SequenceOutcome, StepItem, StepPlan, WorkKind,
+    Backend, KvBlocks, RequestId, SamplingParams, SequenceOutcome, StepItem, StepPlan, WorkKind,
 };
 use mlx_rs::{random, Array};
 
@@ -205,15 +205,70 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) {
     .unwrap();
 }
 
-/// Loads a model folder on the CPU.
+/// Tokens per KV block in these tests.
+pub const BLOCK_SIZE: usize = 16;
+/// KV tokens the tests' backends hold.
+pub const KV_TOKENS: usize = 32_768;
+
+/// Loads a model folder on the CPU, with its KV pool configured.
 pub fn load(dir: &Path, dtype: Option<ModelDType>) -> MlxBackend {
-    MlxBackend::load(&LoadOptions {
+    let mut backend = MlxBackend::load(&LoadOptions {
         device: Device::Cpu,
         dtype,
-        kv_tokens: Some(32_768),
+        kv_tokens: Some(KV_TOKENS),
         ..LoadOptions::new(dir)
     })
-    .unwrap()
+    .unwrap();
+    backend
+        .configure_kv(KvBlocks {
+            block_size: BLOCK_SIZE,
+            num_blocks: KV_TOKENS / BLOCK_SIZE,
+        })
+        .unwrap();
+    backend
+}
+
+/// Block tables for driving a backend directly, as the scheduler would:
+/// each sequence gets free blocks as it grows and gives them back when
+/// forgotten. Tables never shrink, so a refused item only over-reserves.
+#[derive(Default)]
+pub struct Tables {
+    held: HashMap<RequestId, (Vec<u32>, usize)>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Tables {
+    /// A plan of `items` with a table for each that covers the step.
+    pub fn plan(&mut self, items: Vec<StepItem>) -> StepPlan {
+        let mut block_tables = Vec::with_capacity(items.len());
+        for item in &items {
+            let (table, len) = self.held.entry(item.id).or_default();
+            *len += match item.kind {
+                WorkKind::Prefill { len } => len,
+                WorkKind::Decode => 1,
+            };
+            while table.len() * BLOCK_SIZE < *len {
+                let block = self.free.pop().unwrap_or_else(|| {
+                    self.next += 1;
+                    self.next - 1
+                });
+                table.push(block);
+            }
+            block_tables.push(table.clone());
+        }
+        StepPlan {
+            items,
+            block_tables,
+        }
+    }
+
+    /// Gives a released sequence's blocks back.
+    pub fn forget(&mut self, id: RequestId) {
+        if let Some((table, _)) = self.held.remove(&id) {
+            self.free.extend(table);
+        }
+    }
 }
 
 /// Greedy sampling.
@@ -249,8 +304,9 @@ pub fn generate_batched(
         })
         .collect();
     let mut step = 0;
+    let mut tables = Tables::default();
     while seqs.iter().any(|s| s.out.len() < steps) {
-        let mut plan = StepPlan::default();
+        let mut items = Vec::new();
         for (i, s) in seqs.iter_mut().enumerate() {
             if step < i * stagger || s.out.len() >= steps {
                 continue;
@@ -265,9 +321,10 @@ pub fn generate_batched(
             } else {
                 WorkKind::Decode
             };
-            plan.items.push(StepItem { id: s.id, kind });
+            items.push(StepItem { id: s.id, kind });
         }
-        if !plan.items.is_empty() {
+        if !items.is_empty() {
+            let plan = tables.plan(items);
             let out = backend.step(&plan).unwrap();
             assert_eq!(out.results.len(), plan.items.len());
             for (item, r) in plan.items.iter().zip(out.results) {
@@ -282,6 +339,7 @@ pub fn generate_batched(
                 }
                 if s.out.len() >= steps {
                     backend.release(s.id);
+                    tables.forget(s.id);
                 }
             }
         }
