@@ -76,11 +76,13 @@ fn load(dir: &PathBuf, dtype: ModelDType, batch: usize) -> MlxBackend {
     backend
 }
 
-/// The block table of batch slot `slot`: its own fixed run of blocks.
-fn table(slot: usize) -> Vec<u32> {
-    let first = slot * BLOCKS_PER_SEQUENCE;
-    (first..first + BLOCKS_PER_SEQUENCE)
-        .map(|b| b as u32)
+/// The block table of batch slot `slot` of `batch`: block `i` of every
+/// sequence sits beside block `i` of the others, as the scheduler's
+/// lowest-first allocation lays out sequences that grow together, so the
+/// pool holds only the blocks in use.
+fn table(slot: usize, batch: usize) -> Vec<u32> {
+    (0..BLOCKS_PER_SEQUENCE)
+        .map(|i| (i * batch + slot) as u32)
         .collect()
 }
 
@@ -131,7 +133,7 @@ impl Decoder {
                 id,
                 kind: WorkKind::Prefill { len: DECODE_PROMPT },
             });
-            prefill.block_tables.push(table(self.ids.len()));
+            prefill.block_tables.push(table(self.ids.len(), batch));
             self.ids.push(id);
         }
         self.backend.step(&prefill).unwrap();
@@ -144,7 +146,7 @@ impl Decoder {
                     kind: WorkKind::Decode,
                 })
                 .collect(),
-            block_tables: (0..self.ids.len()).map(table).collect(),
+            block_tables: (0..batch).map(|slot| table(slot, batch)).collect(),
         };
     }
 

@@ -14,8 +14,8 @@ use std::{
 };
 
 use batching_types::{
-    Backend, BackendCapacity, KvBlocks, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
-    StepOutput, StepPlan, WorkKind,
+    Backend, BackendCapacity, BackendMemory, KvBlocks, RequestId, SamplingParams, SequenceOutcome,
+    SequenceResult, StepOutput, StepPlan, WorkKind,
 };
 use mlx_rs::Dtype;
 
@@ -48,6 +48,13 @@ pub struct LoadOptions {
     pub kv_memory_bytes: Option<u64>,
     /// The most sequences the scheduler will batch (a sizing hint).
     pub max_batch_size: usize,
+    /// The most memory MLX may use, weights and KV pool included; `None`
+    /// leaves MLX's own default. The KV budget must fit beside the weights.
+    pub memory_limit: Option<u64>,
+    /// The most freed memory MLX keeps for reuse (its buffer cache), at most
+    /// what the memory limit leaves beside the weights and the KV budget;
+    /// `None` leaves MLX's default, which may keep up to the memory limit.
+    pub cache_limit: Option<u64>,
 }
 
 impl LoadOptions {
@@ -61,6 +68,8 @@ impl LoadOptions {
             kv_tokens: None,
             kv_memory_bytes: None,
             max_batch_size: 32,
+            memory_limit: None,
+            cache_limit: None,
         }
     }
 
@@ -144,6 +153,25 @@ impl MlxBackend {
             return Err(BackendError::Sequence(
                 "the KV budget holds no token; raise kv_tokens or kv_memory_bytes".into(),
             ));
+        }
+        let mut cache_limit = options.cache_limit;
+        if let Some(limit) = options.memory_limit {
+            let weights = mlx_rs::memory::active_memory()? as u64;
+            let kv_bytes = (kv_tokens * layout.bytes_per_token(kv_dtype)) as u64;
+            let room = limit.checked_sub(weights.saturating_add(kv_bytes)).ok_or(
+                BackendError::MemoryLimit {
+                    weights_mib: weights >> 20,
+                    kv_mib: kv_bytes >> 20,
+                    limit_mib: limit >> 20,
+                },
+            )?;
+            mlx_rs::memory::set_memory_limit(limit as usize)?;
+            // Freed buffers are kept only within what neither the weights
+            // nor the KV pool can claim.
+            cache_limit = Some(cache_limit.map_or(room, |c| c.min(room)));
+        }
+        if let Some(cache) = cache_limit {
+            mlx_rs::memory::set_cache_limit(cache as usize)?;
         }
         let capacity = BackendCapacity {
             kv_tokens,
@@ -431,6 +459,16 @@ impl Backend for MlxBackend {
         }
         self.last_logits = logits.map(|l| (l, rows));
         Ok(StepOutput { results })
+    }
+
+    fn memory(&self) -> BackendMemory {
+        let read = |f: fn() -> mlx_rs::error::Result<usize>| f().map_or(0, |b| b as u64);
+        BackendMemory {
+            active_bytes: read(mlx_rs::memory::active_memory),
+            peak_bytes: read(mlx_rs::memory::peak_memory),
+            cache_bytes: read(mlx_rs::memory::cache_memory),
+            kv_bytes: self.pool.allocated_bytes() as u64,
+        }
     }
 
     fn release(&mut self, id: RequestId) {

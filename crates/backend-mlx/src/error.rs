@@ -54,4 +54,16 @@ pub enum BackendError {
     /// too long context, invalid sampling parameters).
     #[error("sequence: {0}")]
     Sequence(String),
+    /// The weights and the KV budget do not fit in the memory limit.
+    #[error(
+        "the weights ({weights_mib} MiB) and the KV budget ({kv_mib} MiB) do not fit in the memory limit of {limit_mib} MiB; lower the KV memory or raise the limit"
+    )]
+    MemoryLimit {
+        /// MiB the loaded weights take.
+        weights_mib: u64,
+        /// MiB the KV budget takes.
+        kv_mib: u64,
+        /// The limit, in MiB.
+        limit_mib: u64,
+    },
 }

@@ -2,12 +2,15 @@
 //! block ids.
 //!
 //! Each layer keeps keys and values as one `[blocks * block_size, kv_heads
-//! * head_dim]` array: row `b * block_size + i` holds token `i` of block `b`.
-//! A step writes every new token of every sequence with one scatter per
-//! array (in place, since the pool holds the only handle), and attention
-//! reads a sequence's tokens by gathering its blocks, in table order. So the
-//! memory is the blocks in use, whatever the mix of lengths: no row is
-//! padded to the longest sequence.
+//! * head_dim]` array: row `b * block_size + i` holds token `i` of block
+//! `b`, so a block is one contiguous run of rows. A step writes every new
+//! token of every sequence with one scatter per array (in place, since the
+//! pool holds the only handle), and attention reads a sequence's tokens by
+//! gathering its whole blocks along the first axis, in table order (the
+//! fast, contiguous case of MLX's gather; a heads-outermost layout that
+//! gathers along an inner axis measured slower). So the memory is the
+//! blocks in use, whatever the mix of lengths: no row is padded to the
+//! longest sequence.
 //!
 //! The pool is allocated on demand: it covers the highest block id in use,
 //! rounded up to a growth step of [`KvPool::growth_blocks`], never more than
@@ -57,8 +60,8 @@ pub struct KvPool {
     blocks: Option<KvBlocks>,
     /// Blocks the arrays hold now.
     allocated: usize,
-    /// Per layer: keys and values, `[allocated * block_size, width]`, or
-    /// nothing while the pool is empty.
+    /// Per layer: keys and values, `[allocated * block_size, kv_heads *
+    /// head_dim]`, or nothing while the pool is empty.
     arrays: Vec<(Array, Array)>,
 }
 
@@ -136,23 +139,38 @@ impl KvPool {
                 blocks.num_blocks
             )));
         }
-        let bs = blocks.block_size as i32;
+        let bs = blocks.block_size;
         let width = self.layout.width() as i32;
-        let add = [((target - self.allocated) as i32) * bs, width];
-        let mut arrays = Vec::with_capacity(self.layout.layers);
-        for layer in 0..self.layout.layers {
-            let grow = |old: Option<&Array>| -> mlx_rs::error::Result<Array> {
-                let fresh = ops::zeros_dtype(&add, self.dtype)?;
-                match old {
-                    Some(old) if self.allocated > 0 => ops::concatenate(&[old, &fresh], 0),
-                    _ => Ok(fresh),
-                }
+        let dtype = self.dtype;
+        // One array at a time, each old one dropped as soon as its larger
+        // copy exists, so that growing costs one array's worth of memory on
+        // top of the pool, not a second pool. An array already at the
+        // target (after a growth that failed half-way) is left as it is.
+        let grow = |array: &mut Array| -> mlx_rs::error::Result<()> {
+            let have = array.dim(0) as usize / bs;
+            if have >= target {
+                return Ok(());
+            }
+            let fresh = ops::zeros_dtype(&[((target - have) * bs) as i32, width], dtype)?;
+            let grown = if have == 0 {
+                fresh
+            } else {
+                ops::concatenate(&[&*array, &fresh], 0)?
             };
-            let old = self.arrays.get(layer);
-            arrays.push((grow(old.map(|o| &o.0))?, grow(old.map(|o| &o.1))?));
+            grown.eval()?;
+            *array = grown;
+            Ok(())
+        };
+        if self.arrays.is_empty() {
+            let empty = || ops::zeros_dtype(&[0, width], dtype);
+            for _ in 0..self.layout.layers {
+                self.arrays.push((empty()?, empty()?));
+            }
         }
-        mlx_rs::transforms::eval(arrays.iter().flat_map(|(k, v)| [k, v]))?;
-        self.arrays = arrays;
+        for (keys, values) in &mut self.arrays {
+            grow(keys)?;
+            grow(values)?;
+        }
         self.allocated = target;
         Ok(())
     }
@@ -223,7 +241,9 @@ mod tests {
         assert_eq!(p.allocated_blocks(), 40, "never past the budget");
         let (keys, _) = p.layer(0).unwrap();
         assert_eq!(keys.shape(), &[160, 8]);
-        assert_eq!(&keys.as_slice::<f32>()[5 * 8..6 * 8], &[1.0; 8]);
+        let data = keys.as_slice::<f32>();
+        assert_eq!(&data[5 * 8..6 * 8], &[1.0; 8]);
+        assert_eq!(data.iter().filter(|&&x| x != 0.0).count(), 8);
         assert!(p.ensure(41).is_err());
         p.clear();
         assert_eq!(p.allocated_bytes(), 0);

@@ -23,9 +23,9 @@ use std::{
 
 use batching_scheduler::{Engine, SchedulerConfig};
 use batching_types::{
-    Backend, BackendCapacity, Clock, EventReceiver, KvBlocks, ManualClock, NewRequest, OutputEvent,
-    Priority, RequestId, SamplingParams, SequenceOutcome, SequenceResult, StepOutput, StepPlan,
-    SystemClock, WorkKind,
+    Backend, BackendCapacity, BackendMemory, Clock, EventReceiver, KvBlocks, ManualClock,
+    NewRequest, OutputEvent, Priority, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
+    StepOutput, StepPlan, SystemClock, WorkKind,
 };
 use criterion::Criterion;
 use sim_backend::{SimBackend, SimConfig, TimeMode};
@@ -50,6 +50,10 @@ impl Backend for NullBackend {
 
     fn configure_kv(&mut self, _: KvBlocks) -> Result<(), Self::Error> {
         Ok(())
+    }
+
+    fn memory(&self) -> BackendMemory {
+        BackendMemory::default()
     }
 
     fn add_sequence(

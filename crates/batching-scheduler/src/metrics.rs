@@ -35,6 +35,14 @@ pub const KV_BLOCKS_FREE: &str = "mlx_batch_kv_blocks_free";
 /// for lack of KV blocks, recomputed later) or `retry` (re-queued after a
 /// failed step).
 pub const PREEMPTIONS: &str = "mlx_batch_preemptions_total";
+/// Gauge: bytes the backend's allocator has in use (MLX active memory).
+pub const MEMORY_ACTIVE: &str = "mlx_batch_memory_active_bytes";
+/// Gauge: the most bytes the backend has had in use (MLX peak memory).
+pub const MEMORY_PEAK: &str = "mlx_batch_memory_peak_bytes";
+/// Gauge: bytes freed but kept for reuse (MLX cache memory).
+pub const MEMORY_CACHE: &str = "mlx_batch_memory_cache_bytes";
+/// Gauge: bytes the KV block pool holds.
+pub const KV_POOL_BYTES: &str = "mlx_batch_kv_pool_bytes";
 /// Counter: requests cancelled (client gone or shutdown).
 pub const CANCELLATIONS: &str = "mlx_batch_cancellations_total";
 /// Counter: tokens generated and delivered.
@@ -47,7 +55,7 @@ pub const STEPS: &str = "mlx_batch_steps_total";
 pub const REQUESTS_FINISHED: &str = "mlx_batch_requests_finished_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 21] = [
     QUEUE_TIME,
     TIME_TO_FIRST_TOKEN,
     INTER_TOKEN_LATENCY,
@@ -59,6 +67,10 @@ pub const ALL: [&str; 17] = [
     BATCH_TOKENS,
     KV_BLOCKS_USED,
     KV_BLOCKS_FREE,
+    MEMORY_ACTIVE,
+    MEMORY_PEAK,
+    MEMORY_CACHE,
+    KV_POOL_BYTES,
     PREEMPTIONS,
     CANCELLATIONS,
     TOKENS_GENERATED,
@@ -85,6 +97,8 @@ pub(crate) struct Hot {
     pub(crate) paused: ::metrics::Gauge,
     pub(crate) blocks_used: ::metrics::Gauge,
     pub(crate) blocks_free: ::metrics::Gauge,
+    /// Active, peak, cache and KV pool bytes, in that order.
+    pub(crate) memory: [::metrics::Gauge; 4],
 }
 
 impl Hot {
@@ -107,6 +121,8 @@ impl Hot {
             paused: ::metrics::gauge!(PAUSED),
             blocks_used: ::metrics::gauge!(KV_BLOCKS_USED),
             blocks_free: ::metrics::gauge!(KV_BLOCKS_FREE),
+            memory: [MEMORY_ACTIVE, MEMORY_PEAK, MEMORY_CACHE, KV_POOL_BYTES]
+                .map(|name| ::metrics::gauge!(name)),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::{
     time::Instant,
 };
 
-use batching_types::{event_channel, BatchRequest, EventReceiver, NewRequest};
+use batching_types::{event_channel, BackendMemory, BatchRequest, EventReceiver, NewRequest};
 
 use crate::{ContextOverflow, SchedulerError};
 
@@ -38,6 +38,8 @@ pub struct EngineHealth {
     pub step_failures: u64,
     /// Failed steps since the last successful one.
     pub consecutive_step_failures: u64,
+    /// The backend's memory after the last step.
+    pub memory: BackendMemory,
 }
 
 /// Limits fixed when the engine starts, from the config and the backend.
@@ -65,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) steps: AtomicU64,
     pub(crate) step_failures: AtomicU64,
     pub(crate) consecutive_failures: AtomicU64,
+    /// The backend's memory: active, peak, cache and KV bytes.
+    pub(crate) memory: [AtomicU64; 4],
 }
 
 impl Shared {
@@ -83,6 +87,7 @@ impl Shared {
             steps: AtomicU64::new(0),
             step_failures: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
+            memory: Default::default(),
         }
     }
 
@@ -174,6 +179,12 @@ impl Shared {
             steps: self.steps.load(Ordering::Relaxed),
             step_failures: self.step_failures.load(Ordering::Relaxed),
             consecutive_step_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            memory: BackendMemory {
+                active_bytes: self.memory[0].load(Ordering::Relaxed),
+                peak_bytes: self.memory[1].load(Ordering::Relaxed),
+                cache_bytes: self.memory[2].load(Ordering::Relaxed),
+                kv_bytes: self.memory[3].load(Ordering::Relaxed),
+            },
         }
     }
 }

@@ -13,8 +13,8 @@ use std::{
 
 use batching_scheduler::{RequestStream, SchedulerConfig, SchedulerError, SchedulerHandle};
 use batching_types::{
-    Backend, BackendCapacity, FinishReason, KvBlocks, OutputEvent, Priority, RequestId,
-    SamplingParams, StepOutput, StepPlan, SystemClock,
+    Backend, BackendCapacity, BackendMemory, FinishReason, KvBlocks, OutputEvent, Priority,
+    RequestId, SamplingParams, StepOutput, StepPlan, SystemClock,
 };
 use common::{request, tokens_and_finish};
 use futures::StreamExt;
@@ -240,6 +240,9 @@ impl Backend for Exploding {
     }
     fn release(&mut self, id: RequestId) {
         self.inner.release(id);
+    }
+    fn memory(&self) -> BackendMemory {
+        self.inner.memory()
     }
 }
 

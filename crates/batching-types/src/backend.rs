@@ -38,6 +38,20 @@ pub struct KvBlocks {
     pub num_blocks: usize,
 }
 
+/// What the backend's memory holds, as it reports it after each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendMemory {
+    /// Bytes the backend's allocator has in use now (weights, KV pool and
+    /// whatever a step keeps alive).
+    pub active_bytes: u64,
+    /// The most bytes it has had in use at once.
+    pub peak_bytes: u64,
+    /// Bytes freed but kept by the allocator for reuse.
+    pub cache_bytes: u64,
+    /// Bytes the KV block pool holds now.
+    pub kv_bytes: u64,
+}
+
 /// The work one sequence does in a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkKind {
@@ -160,6 +174,10 @@ pub trait Backend {
     /// Forgets a sequence and frees its cache. Releasing an unknown id is a
     /// no-op, so cleanup paths never fail.
     fn release(&mut self, id: RequestId);
+
+    /// What the backend's memory holds now; the scheduler publishes it
+    /// after every step (for `/metrics` and health).
+    fn memory(&self) -> BackendMemory;
 }
 
 #[cfg(test)]

@@ -21,8 +21,8 @@ mod sampling;
 mod status;
 
 pub use backend::{
-    Backend, BackendCapacity, KvBlocks, SequenceOutcome, SequenceResult, StepItem, StepOutput,
-    StepPlan, WorkKind,
+    Backend, BackendCapacity, BackendMemory, KvBlocks, SequenceOutcome, SequenceResult, StepItem,
+    StepOutput, StepPlan, WorkKind,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::TypesError;

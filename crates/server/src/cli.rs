@@ -86,6 +86,18 @@ pub struct ServeArgs {
     /// KV cache size in blocks of 16 tokens, instead of --kv-memory.
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// The most memory MLX may use, weights and KV cache included, for
+    /// example "8GiB"; "auto" is 80% of the machine's memory (where it can
+    /// be read), "none" leaves MLX's own default. The KV cache must fit
+    /// beside the weights, and MLX keeps freed buffers only within what is
+    /// left.
+    #[arg(long, value_parser = parse_memory_limit, default_value = "auto")]
+    pub memory_limit: MemoryLimit,
+    /// The most freed memory MLX keeps for reuse. Each step's temporary
+    /// buffers differ in size, so an unbounded cache grows the process far
+    /// past what is in use.
+    #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
+    pub mlx_cache_limit: u64,
     /// Most requests waiting for admission; more are refused with 429.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
@@ -148,6 +160,45 @@ pub struct ImportArgs {
 /// A request timeout, or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeout(pub Option<Duration>);
+
+/// `--memory-limit`: a size, the machine's share, or MLX's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// 80% of the machine's memory, where it can be read.
+    Auto,
+    /// MLX's own default.
+    None,
+    /// This many bytes.
+    Bytes(u64),
+}
+
+impl MemoryLimit {
+    /// The limit in bytes, `None` for MLX's default.
+    pub fn resolve(self) -> Option<u64> {
+        match self {
+            Self::Auto => machine_memory().map(|total| total / 5 * 4),
+            Self::None => None,
+            Self::Bytes(b) => Some(b),
+        }
+    }
+}
+
+/// The machine's memory from `/proc/meminfo` (Linux); `None` elsewhere.
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Parses "auto", "none" or a size such as "8GiB".
+pub fn parse_memory_limit(text: &str) -> Result<MemoryLimit, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(MemoryLimit::Auto),
+        "none" => Ok(MemoryLimit::None),
+        _ => parse_bytes(text).map(MemoryLimit::Bytes),
+    }
+}
 
 /// Parses "2GiB", "512MiB", "1.5GB", "1048576" into bytes.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {

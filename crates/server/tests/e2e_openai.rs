@@ -101,7 +101,8 @@ async fn start_server(max_batch_size: usize) -> Option<(String, String, PathBuf)
         ..SchedulerConfig::default()
     };
     let loaded =
-        tokio::task::block_in_place(|| load(&args, scheduler, KvSize::Tokens(4096))).unwrap();
+        tokio::task::block_in_place(|| load(&args, scheduler, KvSize::Tokens(4096).into()))
+            .unwrap();
     let model_id = loaded.model.id().to_owned();
     let state = AppState::new(
         Arc::new(loaded.engine),

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use batching_types::{
-    Backend, BackendCapacity, KvBlocks, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
-    StepOutput, StepPlan, WorkKind,
+    Backend, BackendCapacity, BackendMemory, KvBlocks, RequestId, SamplingParams, SequenceOutcome,
+    SequenceResult, StepOutput, StepPlan, WorkKind,
 };
 
 use crate::{tokens::ContextHash, SimConfig, SimControl, SimError, TimeMode};
@@ -391,6 +391,21 @@ impl Backend for SimBackend {
         self.spend(prefill, decode);
         self.record(plan, prefill, decode, false);
         Ok(StepOutput { results })
+    }
+
+    /// The sim's memory is its block pool, one byte per token slot: blocks
+    /// owned by live sequences, and the most ever owned as the peak.
+    fn memory(&self) -> BackendMemory {
+        let bs = self.pool.as_ref().map_or(0, |p| p.layout.block_size) as u64;
+        let (now, peak) = self
+            .control
+            .with(|s| (s.stats.blocks_in_use, s.stats.max_blocks_in_use));
+        BackendMemory {
+            active_bytes: now as u64 * bs,
+            peak_bytes: peak as u64 * bs,
+            cache_bytes: 0,
+            kv_bytes: now as u64 * bs,
+        }
     }
 
     fn release(&mut self, id: RequestId) {

@@ -225,7 +225,6 @@ impl LlamaModel {
         let bs = blocks.block_size;
         let (heads, kv_heads, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let rep = heads / kv_heads;
-        let width = kv_heads * hd;
         let n_dec = batch.decodes.len();
 
         // Position and pool row of every token, in `tokens` order.
@@ -270,16 +269,14 @@ impl LlamaModel {
         let ids = Array::from_slice(&batch.tokens, &[t as i32]);
         let mut h = self.embed.lookup(&ids)?;
         let scale = (c.head_dim as f32).powf(-0.5);
-        let pool_rows = (pool.allocated_blocks() * bs) as i32;
-        let block_shape = [pool.allocated_blocks() as i32, bs as i32 * width];
         for (layer, block) in self.blocks.iter().enumerate() {
             let x = fast::rms_norm(&h, Some(&block.input_norm), c.rms_norm_eps)?;
             let qkv = block.qkv.forward(&x)?;
             let parts = split_last(&qkv, &[heads * hd, kv_heads * hd, kv_heads * hd]);
             let q = self.rope(&parts[0].reshape(&[t as i32, heads, 1, hd])?, &offsets)?;
             let k = self.rope(&parts[1].reshape(&[t as i32, kv_heads, 1, hd])?, &offsets)?;
-            let k = k.reshape(&[t as i32, 1, width])?;
-            let v = parts[2].reshape(&[t as i32, 1, width])?;
+            let k = k.reshape(&[t as i32, 1, kv_heads * hd])?;
+            let v = parts[2].reshape(&[t as i32, 1, kv_heads * hd])?;
 
             let Some((old_k, old_v)) = pool.layer(layer).cloned() else {
                 return Err(mlx_rs::error::Exception::custom("KV pool not allocated"));
@@ -287,11 +284,7 @@ impl LlamaModel {
             let keys = ops::indexing::scatter_single(&old_k, &slots, &k, 0)?;
             let values = ops::indexing::scatter_single(&old_v, &slots, &v, 0)?;
             drop((old_k, old_v));
-            debug_assert_eq!(keys.dim(0), pool_rows);
-            // Blocks as rows, for gathering whole blocks at once.
-            let key_blocks = keys.reshape(&block_shape)?;
-            let value_blocks = values.reshape(&block_shape)?;
-            pool.set_layer(layer, keys, values);
+            pool.set_layer(layer, keys.clone(), values.clone());
 
             let mut outs: Vec<Array> = Vec::with_capacity(1 + batch.chunks.len());
             if let Some(plan) = &gather.decode {
@@ -301,8 +294,8 @@ impl LlamaModel {
                 let q_dec = q
                     .index(0..n_dec as i32)
                     .reshape(&[n_dec as i32, kv_heads, rep, hd])?;
-                let kk = plan.gather(&key_blocks, kv_heads, hd)?;
-                let vv = plan.gather(&value_blocks, kv_heads, hd)?;
+                let kk = plan.gather(&keys, kv_heads, hd)?;
+                let vv = plan.gather(&values, kv_heads, hd)?;
                 let o = fast::scaled_dot_product_attention(
                     &q_dec,
                     &kk,
@@ -320,8 +313,8 @@ impl LlamaModel {
                     .reshape(&[n, heads, hd])?
                     .transpose_axes(&[1, 0, 2])?
                     .reshape(&[1, heads, n, hd])?;
-                let kk = plan.gather(&key_blocks, kv_heads, hd)?;
-                let vv = plan.gather(&value_blocks, kv_heads, hd)?;
+                let kk = plan.gather(&keys, kv_heads, hd)?;
+                let vv = plan.gather(&values, kv_heads, hd)?;
                 let o = fast::scaled_dot_product_attention(
                     &qc,
                     &kk,
@@ -407,27 +400,55 @@ fn push_linear<'a>(l: &'a Linear, all: &mut Vec<&'a Array>) {
     }
 }
 
-/// Which blocks one attention call reads, built once per step and shared
-/// by every layer.
+/// Which pool blocks one attention call reads, built once per step and
+/// shared by every layer.
 struct BlockGather {
-    /// Block ids, `[rows * blocks_per_row]`, padded with block 0 (masked).
+    /// Block ids, `[rows * blocks]`; a row's blocks past its length are
+    /// block 0 (masked for decodes, cut for chunks).
     ids: Array,
     /// Rows (sequences) in the gather.
     rows: i32,
-    /// Tokens gathered per row (`blocks_per_row * block_size`).
-    span: i32,
-    /// Tokens attended per row: the gather is cut to this (chunks only).
+    /// Blocks gathered per row.
+    blocks: i32,
+    /// Tokens per block.
+    block_size: i32,
+    /// Tokens attended per row, when less than `blocks * block_size`
+    /// (chunks only; decodes mask instead).
     keep: Option<i32>,
 }
 
 impl BlockGather {
-    /// `[rows, kv_heads, span, head_dim]` keys or values of these blocks.
-    fn gather(&self, blocks: &Array, kv_heads: i32, hd: i32) -> MlxResult<Array> {
+    fn new(rows: &[(&[u32], usize)], bs: usize, keep: Option<usize>) -> Self {
+        let blocks = rows
+            .iter()
+            .map(|&(_, len)| len.div_ceil(bs))
+            .max()
+            .unwrap_or(1);
+        let mut ids = Vec::with_capacity(rows.len() * blocks);
+        for &(table, len) in rows {
+            let used = len.div_ceil(bs);
+            ids.extend(table.iter().take(used).map(|&b| b as i32));
+            ids.resize(ids.len() + blocks - used.min(table.len()), 0);
+        }
+        Self {
+            ids: Array::from_slice(&ids, &[ids.len() as i32]),
+            rows: rows.len() as i32,
+            blocks: blocks as i32,
+            block_size: bs as i32,
+            keep: keep.map(|k| k as i32),
+        }
+    }
+
+    /// The keys or values of these blocks, `[rows, kv_heads, tokens,
+    /// head_dim]`: whole blocks of the pool's rows, taken at once.
+    fn gather(&self, pool: &Array, kv_heads: i32, hd: i32) -> MlxResult<Array> {
+        let blocks = pool.reshape(&[-1, self.block_size * kv_heads * hd])?;
+        let span = self.blocks * self.block_size;
         let g = blocks
             .take_axis(&self.ids, 0)?
-            .reshape(&[self.rows, self.span, kv_heads, hd])?;
+            .reshape(&[self.rows, span, kv_heads, hd])?;
         let g = match self.keep {
-            Some(keep) if keep < self.span => g.index((.., 0..keep)),
+            Some(keep) if keep < span => g.index((.., 0..keep)),
             _ => g,
         };
         g.transpose_axes(&[0, 2, 1, 3])
@@ -459,52 +480,31 @@ impl GatherPlan {
         let decode = if batch.decodes.is_empty() {
             None
         } else {
-            let per_row = batch
+            let rows: Vec<(&[u32], usize)> = batch
                 .decodes
                 .iter()
-                .map(|d| (d.position + 1).div_ceil(bs))
-                .max()
-                .unwrap_or(1);
-            let span = per_row * bs;
-            let rows = batch.decodes.len();
-            let mut ids = vec![0i32; rows * per_row];
-            let mut mask = vec![f32::NEG_INFINITY; rows * span];
-            for (r, d) in batch.decodes.iter().enumerate() {
-                let used = (d.position + 1).div_ceil(bs);
-                for (k, &b) in d.table.iter().take(used).enumerate() {
-                    ids[r * per_row + k] = b as i32;
-                }
-                mask[r * span..r * span + d.position + 1].fill(0.0);
+                .map(|d| (d.table.as_slice(), d.position + 1))
+                .collect();
+            let gather = BlockGather::new(&rows, bs, None);
+            let span = (gather.blocks * gather.block_size) as usize;
+            let mut mask = vec![f32::NEG_INFINITY; rows.len() * span];
+            for (r, &(_, len)) in rows.iter().enumerate() {
+                mask[r * span..r * span + len].fill(0.0);
             }
-            let mask = Array::from_slice(&mask, &[rows as i32, 1, 1, span as i32]);
+            let mask = Array::from_slice(&mask, &[rows.len() as i32, 1, 1, span as i32]);
             let mask = if dtype == Dtype::Float32 {
                 mask
             } else {
                 mask.as_dtype(dtype)?
             };
-            Some(DecodeGather {
-                gather: BlockGather {
-                    ids: Array::from_slice(&ids, &[ids.len() as i32]),
-                    rows: rows as i32,
-                    span: span as i32,
-                    keep: None,
-                },
-                mask,
-            })
+            Some(DecodeGather { gather, mask })
         };
         let chunks = batch
             .chunks
             .iter()
             .map(|chunk| {
                 let end = chunk.position + chunk.len;
-                let used = end.div_ceil(bs);
-                let ids: Vec<i32> = chunk.table.iter().take(used).map(|&b| b as i32).collect();
-                BlockGather {
-                    ids: Array::from_slice(&ids, &[ids.len() as i32]),
-                    rows: 1,
-                    span: (used * bs) as i32,
-                    keep: Some(end as i32),
-                }
+                BlockGather::new(&[(chunk.table.as_slice(), end)], bs, Some(end))
             })
             .collect();
         Ok(Self { decode, chunks })

@@ -259,6 +259,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         }
         self.active.retain(|a| !a.gone);
         self.publish();
+        self.publish_memory();
         trace.blocks_used = self.blocks.used();
         trace.blocks_free = self.blocks.free();
         trace.running = self.active.len();

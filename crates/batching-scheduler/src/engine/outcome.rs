@@ -234,4 +234,16 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         self.hot.blocks_used.set(self.blocks.used() as f64);
         self.hot.blocks_free.set(self.blocks.free() as f64);
     }
+
+    /// Publishes the backend's memory; only after a step, since the drop
+    /// guard must not call a backend that may have panicked.
+    pub(super) fn publish_memory(&self) {
+        let s = &self.shared;
+        let m = self.backend.memory();
+        let bytes = [m.active_bytes, m.peak_bytes, m.cache_bytes, m.kv_bytes];
+        for ((slot, gauge), value) in s.memory.iter().zip(&self.hot.memory).zip(bytes) {
+            slot.store(value, Ordering::Relaxed);
+            gauge.set(value as f64);
+        }
+    }
 }

@@ -27,7 +27,11 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         ..SchedulerConfig::default()
     };
     let loaded = tokio::task::block_in_place(|| {
-        load(&args.model, scheduler, KvSize::Bytes(GENERATE_KV_BYTES))
+        load(
+            &args.model,
+            scheduler,
+            KvSize::Bytes(GENERATE_KV_BYTES).into(),
+        )
     })?;
     let model = &loaded.model;
     let prompt = if args.chat {

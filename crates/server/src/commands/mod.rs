@@ -34,8 +34,38 @@ pub enum KvSize {
     Tokens(usize),
 }
 
+/// How much memory the backend may use.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPlan {
+    /// The KV cache's size.
+    pub kv: KvSize,
+    /// The most memory MLX may use in all; `None` leaves MLX's default.
+    pub limit: Option<u64>,
+    /// The most freed memory MLX keeps for reuse; `None` for MLX's default.
+    pub cache_limit: Option<u64>,
+}
+
+impl From<KvSize> for MemoryPlan {
+    fn from(kv: KvSize) -> Self {
+        Self {
+            kv,
+            limit: None,
+            cache_limit: Some(DEFAULT_CACHE_LIMIT),
+        }
+    }
+}
+
+/// MLX's buffer cache when nothing else is said: enough to reuse a step's
+/// temporaries, small beside the KV budget.
+pub const DEFAULT_CACHE_LIMIT: u64 = 256 << 20;
+
 /// Loads the model on the engine thread and starts the scheduler over it.
-pub fn load(args: &ModelArgs, scheduler: SchedulerConfig, kv: KvSize) -> anyhow::Result<Loaded> {
+pub fn load(
+    args: &ModelArgs,
+    scheduler: SchedulerConfig,
+    memory: MemoryPlan,
+) -> anyhow::Result<Loaded> {
+    let kv = memory.kv;
     let dir = resolve_model_dir(args.model.as_ref())?;
     let model = MlxTextModel::load(&dir)?;
     let device = match args.device {
@@ -46,6 +76,8 @@ pub fn load(args: &ModelArgs, scheduler: SchedulerConfig, kv: KvSize) -> anyhow:
     let mut options = LoadOptions::new(&dir);
     options.device = device;
     options.max_batch_size = scheduler.max_batch_size;
+    options.memory_limit = memory.limit;
+    options.cache_limit = memory.cache_limit;
     match kv {
         KvSize::Bytes(bytes) => options.kv_memory_bytes = Some(bytes),
         KvSize::Tokens(tokens) => options.kv_tokens = Some(tokens),

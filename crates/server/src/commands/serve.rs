@@ -9,7 +9,7 @@ use batching_scheduler::SchedulerConfig;
 use crate::{
     app::{self, AppState, ServerConfig},
     cli::ServeArgs,
-    commands::{load, KvSize},
+    commands::{load, KvSize, MemoryPlan},
     telemetry,
 };
 
@@ -37,7 +37,12 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         None => KvSize::Bytes(args.kv_memory),
     };
     // Loading reads and converts weights: seconds of blocking work.
-    let loaded = tokio::task::block_in_place(|| load(&args.model, scheduler, kv))?;
+    let memory = MemoryPlan {
+        kv,
+        limit: args.memory_limit.resolve(),
+        cache_limit: Some(args.mlx_cache_limit),
+    };
+    let loaded = tokio::task::block_in_place(|| load(&args.model, scheduler, memory))?;
     let handle = loaded.engine.handle().clone();
     let state = AppState::new(
         Arc::new(loaded.engine),
