@@ -382,6 +382,22 @@ impl Backend for MlxBackend {
         Ok(())
     }
 
+    fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error> {
+        let bs = self.pool.blocks().map_or(0, |b| b.block_size);
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return Err(BackendError::Sequence(format!("{id} is not registered")));
+        };
+        if seq.cached != 0 || tokens >= seq.context.len() || bs == 0 || tokens % bs != 0 {
+            return Err(BackendError::Sequence(format!(
+                "{id}: a cached prefix of {tokens} tokens does not fit its {} context tokens in blocks of {bs}",
+                seq.context.len()
+            )));
+        }
+        seq.prefilled = tokens;
+        seq.cached = tokens;
+        Ok(())
+    }
+
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, Self::Error> {
         let mut batch = StepBatch::default();
         let mut chunk_tokens = Vec::new();
@@ -472,11 +488,10 @@ impl Backend for MlxBackend {
     }
 
     fn release(&mut self, id: RequestId) {
-        // The scheduler owns the blocks; the pool only goes when nothing
-        // is left to read from it.
-        if self.sequences.remove(&id).is_some() && self.sequences.is_empty() {
-            self.pool.clear();
-        }
+        // The scheduler owns the blocks, and a released sequence's full
+        // blocks may be read again through the prefix cache: the pool keeps
+        // them, even when no sequence is left.
+        self.sequences.remove(&id);
     }
 }
 

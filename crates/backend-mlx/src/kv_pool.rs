@@ -12,12 +12,13 @@
 //! blocks in use, whatever the mix of lengths: no row is padded to the
 //! longest sequence.
 //!
-//! The pool is allocated on demand: it covers the highest block id in use,
-//! rounded up to a growth step of [`KvPool::growth_blocks`], never more than
-//! the configured `num_blocks`, and is dropped when no sequence is left. The
+//! The pool is allocated on demand: it covers the highest block id used so
+//! far, rounded up to a growth step of [`KvPool::growth_blocks`], never more
+//! than the configured `num_blocks`. It is kept while idle, since freed
+//! blocks still hold the prefix cache. The
 //! scheduler hands out the lowest free ids first, so the pool stays about as
 //! large as the blocks in use: allocated bytes are at most `(highest id in
-//! use + 1 + growth step) * block bytes`, and at most the whole budget.
+//! used + 1 + growth step) * block bytes`, and at most the whole budget.
 
 use batching_types::KvBlocks;
 use mlx_rs::{ops, Array, Dtype};
@@ -175,7 +176,7 @@ impl KvPool {
         Ok(())
     }
 
-    /// Drops the arrays (when no sequence is left).
+    /// Drops the arrays, and with them every block's content.
     pub fn clear(&mut self) {
         self.arrays.clear();
         self.allocated = 0;

@@ -6,8 +6,12 @@
 mod model_support;
 
 use backend_mlx::ModelDType;
-use batching_types::SamplingParams;
-use model_support::{generate_batched, greedy, load, write_tiny_model, TempDir, TinySpec};
+use batching_types::{
+    Backend, RequestId, SamplingParams, SequenceOutcome, StepItem, StepPlan, WorkKind,
+};
+use model_support::{
+    generate_batched, greedy, load, write_tiny_model, TempDir, TinySpec, BLOCK_SIZE,
+};
 
 fn prompts() -> Vec<Vec<u32>> {
     // Eight prompts of different lengths (3 to 40 tokens).
@@ -50,11 +54,79 @@ fn greedy_tokens_do_not_depend_on_the_batch() {
     let together = generate_batched(&mut backend, &prompts, steps, 5, 2, &greedy());
     assert_eq!(together, solo);
     assert_eq!(backend.num_sequences(), 0);
-    assert_eq!(
-        backend.kv_allocated_bytes(),
-        0,
-        "the cache empties when all leave"
-    );
+    // The pool keeps its blocks (they hold the prefix cache), but never
+    // more than the blocks used plus one growth step.
+    assert!(backend.kv_allocated_bytes() > 0);
+    assert!(backend.kv_allocated_bytes() <= (64 + 128) * backend.kv_block_bytes());
+}
+
+#[test]
+fn a_cached_prefix_gives_the_tokens_of_computing_it() {
+    let dir = TempDir::new("prefix");
+    write_tiny_model(&dir.0, &TinySpec::default());
+    let shared: Vec<u32> = (0..2 * BLOCK_SIZE as u32)
+        .map(|j| (j * 13 + 5) % 256)
+        .collect();
+    let first: Vec<u32> = shared.iter().copied().chain([7, 8, 9]).collect();
+    let second: Vec<u32> = shared.iter().copied().chain([40, 41]).collect();
+    let steps = 6;
+    let solo = alone(&dir.0, &second, steps, &greedy());
+
+    let mut backend = load(&dir.0, None);
+    let decode = |id| StepItem {
+        id: RequestId(id),
+        kind: WorkKind::Decode,
+    };
+    // The first sequence writes the shared blocks 0 and 1, then leaves.
+    backend
+        .add_sequence(RequestId(1), &first, &greedy())
+        .unwrap();
+    let plan = StepPlan {
+        items: vec![StepItem {
+            id: RequestId(1),
+            kind: WorkKind::Prefill { len: first.len() },
+        }],
+        block_tables: vec![vec![0, 1, 2]],
+    };
+    backend.step(&plan).unwrap();
+    backend.release(RequestId(1));
+    // The second reads them and computes only its own two tokens, in a
+    // block of its own.
+    backend
+        .add_sequence(RequestId(2), &second, &greedy())
+        .unwrap();
+    backend
+        .use_cached_prefix(RequestId(2), shared.len())
+        .unwrap();
+    let table = vec![0, 1, 5];
+    let mut tokens = vec![];
+    let mut plan = StepPlan {
+        items: vec![StepItem {
+            id: RequestId(2),
+            kind: WorkKind::Prefill { len: 2 },
+        }],
+        block_tables: vec![table.clone()],
+    };
+    for _ in 0..steps {
+        let out = backend.step(&plan).unwrap();
+        match &out.results[0].outcome {
+            SequenceOutcome::Token(t) => tokens.push(*t),
+            other => panic!("{other:?}"),
+        }
+        plan = StepPlan {
+            items: vec![decode(2)],
+            block_tables: vec![table.clone()],
+        };
+    }
+    assert_eq!(tokens, solo);
+    // A prefix that is not whole blocks, or the whole context, is refused.
+    backend
+        .add_sequence(RequestId(3), &second, &greedy())
+        .unwrap();
+    assert!(backend.use_cached_prefix(RequestId(3), 5).is_err());
+    assert!(backend
+        .use_cached_prefix(RequestId(3), second.len() + 14)
+        .is_err());
 }
 
 #[test]

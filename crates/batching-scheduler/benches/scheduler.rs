@@ -56,6 +56,13 @@ impl Backend for NullBackend {
         BackendMemory::default()
     }
 
+    fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error> {
+        if let Some(left) = self.left.get_mut(&id) {
+            *left = left.saturating_sub(tokens);
+        }
+        Ok(())
+    }
+
     fn add_sequence(
         &mut self,
         id: RequestId,

@@ -56,6 +56,10 @@ pub struct SchedulerConfig {
     /// `long_prefill_token_threshold`). Values above `max_batch_tokens`
     /// act as `max_batch_tokens`.
     pub max_prefill_chunk: usize,
+    /// Keep full KV blocks of prompts and answers after their requests end
+    /// and share them with later requests that start with the same tokens
+    /// (see [`crate::BlockAllocator`]).
+    pub prefix_cache: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -72,6 +76,7 @@ impl Default for SchedulerConfig {
             preemption: true,
             max_preemptions: 2,
             max_prefill_chunk: 128,
+            prefix_cache: true,
         }
     }
 }

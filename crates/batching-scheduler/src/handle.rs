@@ -68,6 +68,7 @@ impl RequestStream {
                     usage: Usage {
                         prompt_tokens: self.prompt_tokens,
                         completion_tokens: self.delivered,
+                        cached_tokens: 0,
                     },
                     message: Some("the engine stopped".into()),
                 }))
@@ -294,6 +295,7 @@ impl Drop for Inbox {
                     usage: Usage {
                         prompt_tokens: request.prompt_tokens.len(),
                         completion_tokens: 0,
+                        cached_tokens: 0,
                     },
                     message: Some("the engine stopped before the request started".into()),
                 });
@@ -395,7 +397,8 @@ mod tests {
                     reason: FinishReason::Error,
                     usage: Usage {
                         prompt_tokens: 3,
-                        completion_tokens: 1
+                        completion_tokens: 1,
+                        cached_tokens: 0,
                     },
                     message: Some("the engine stopped".into()),
                 }

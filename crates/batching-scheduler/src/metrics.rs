@@ -35,6 +35,16 @@ pub const KV_BLOCKS_FREE: &str = "mlx_batch_kv_blocks_free";
 /// for lack of KV blocks, recomputed later) or `retry` (re-queued after a
 /// failed step).
 pub const PREEMPTIONS: &str = "mlx_batch_preemptions_total";
+/// Gauge: free KV blocks that still hold a cached prefix (reusable until
+/// evicted).
+pub const KV_BLOCKS_CACHED: &str = "mlx_batch_kv_blocks_cached";
+/// Counter: prompt tokens looked up in the prefix cache at admission.
+pub const PREFIX_QUERY_TOKENS: &str = "mlx_batch_prefix_cache_query_tokens_total";
+/// Counter: of those, tokens whose KV was reused (hit rate = hits /
+/// queries).
+pub const PREFIX_HIT_TOKENS: &str = "mlx_batch_prefix_cache_hit_tokens_total";
+/// Counter: cached blocks evicted to make room.
+pub const PREFIX_EVICTIONS: &str = "mlx_batch_prefix_cache_evictions_total";
 /// Gauge: bytes the backend's allocator has in use (MLX active memory).
 pub const MEMORY_ACTIVE: &str = "mlx_batch_memory_active_bytes";
 /// Gauge: the most bytes the backend has had in use (MLX peak memory).
@@ -55,7 +65,7 @@ pub const STEPS: &str = "mlx_batch_steps_total";
 pub const REQUESTS_FINISHED: &str = "mlx_batch_requests_finished_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 25] = [
     QUEUE_TIME,
     TIME_TO_FIRST_TOKEN,
     INTER_TOKEN_LATENCY,
@@ -67,6 +77,10 @@ pub const ALL: [&str; 21] = [
     BATCH_TOKENS,
     KV_BLOCKS_USED,
     KV_BLOCKS_FREE,
+    KV_BLOCKS_CACHED,
+    PREFIX_QUERY_TOKENS,
+    PREFIX_HIT_TOKENS,
+    PREFIX_EVICTIONS,
     MEMORY_ACTIVE,
     MEMORY_PEAK,
     MEMORY_CACHE,
@@ -97,6 +111,10 @@ pub(crate) struct Hot {
     pub(crate) paused: ::metrics::Gauge,
     pub(crate) blocks_used: ::metrics::Gauge,
     pub(crate) blocks_free: ::metrics::Gauge,
+    pub(crate) blocks_cached: ::metrics::Gauge,
+    pub(crate) prefix_queries: ::metrics::Counter,
+    pub(crate) prefix_hits: ::metrics::Counter,
+    pub(crate) prefix_evictions: ::metrics::Counter,
     /// Active, peak, cache and KV pool bytes, in that order.
     pub(crate) memory: [::metrics::Gauge; 4],
 }
@@ -121,6 +139,10 @@ impl Hot {
             paused: ::metrics::gauge!(PAUSED),
             blocks_used: ::metrics::gauge!(KV_BLOCKS_USED),
             blocks_free: ::metrics::gauge!(KV_BLOCKS_FREE),
+            blocks_cached: ::metrics::gauge!(KV_BLOCKS_CACHED),
+            prefix_queries: ::metrics::counter!(PREFIX_QUERY_TOKENS),
+            prefix_hits: ::metrics::counter!(PREFIX_HIT_TOKENS),
+            prefix_evictions: ::metrics::counter!(PREFIX_EVICTIONS),
             memory: [MEMORY_ACTIVE, MEMORY_PEAK, MEMORY_CACHE, KV_POOL_BYTES]
                 .map(|name| ::metrics::gauge!(name)),
         }

@@ -234,6 +234,9 @@ impl Backend for Exploding {
     ) -> Result<(), SimError> {
         self.inner.add_sequence(id, context, sampling)
     }
+    fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), SimError> {
+        self.inner.use_cached_prefix(id, tokens)
+    }
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, SimError> {
         assert!(!self.armed.load(Ordering::SeqCst), "the model crashed");
         self.inner.step(plan)

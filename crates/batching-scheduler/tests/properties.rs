@@ -57,6 +57,7 @@ struct Setup {
     preemption: bool,
     max_preemptions: u32,
     max_prefill_chunk: usize,
+    prefix_cache: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -67,7 +68,7 @@ fn setup() -> impl Strategy<Value = Setup> {
         0usize..120,
         any::<bool>(),
         prop::collection::vec(0usize..60, 0..3),
-        (any::<bool>(), 0u32..4, 1usize..48),
+        (any::<bool>(), 0u32..4, 1usize..48, any::<bool>()),
     )
         .prop_map(
             |(
@@ -77,7 +78,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 extra_kv,
                 stop,
                 fail_steps,
-                (preemption, max_preemptions, max_prefill_chunk),
+                (preemption, max_preemptions, max_prefill_chunk, prefix_cache),
             )| Setup {
                 max_batch_size,
                 extra_tokens,
@@ -88,6 +89,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 preemption,
                 max_preemptions,
                 max_prefill_chunk,
+                prefix_cache,
             },
         )
 }
@@ -124,6 +126,7 @@ proptest! {
             preemption: setup.preemption,
             max_preemptions: setup.max_preemptions,
             max_prefill_chunk: setup.max_prefill_chunk,
+            prefix_cache: setup.prefix_cache,
             ..SchedulerConfig::default()
         };
         let total_blocks = kv_tokens / setup.block_size;

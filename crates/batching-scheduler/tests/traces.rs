@@ -454,3 +454,64 @@ fn short_requests_start_beside_a_long_prompt_whose_chunks_are_capped() {
         assert_eq!(tokens_and_finish(&drain(rx)).0.len(), 2);
     }
 }
+
+#[test]
+fn a_shared_prefix_is_computed_once_survives_its_request_and_is_evicted_last() {
+    // Blocks of 4; a 12-token "system prompt" is 3 blocks.
+    let system: Vec<u32> = (100..112).collect();
+    let with = |tail: &[u32]| -> Vec<u32> { system.iter().chain(tail).copied().collect() };
+    let ask = |prompt: Vec<u32>| batching_types::NewRequest {
+        prompt_tokens: prompt,
+        ..request(1, 3, Priority::Normal)
+    };
+    let run = |prefix_cache: bool| {
+        let config = SchedulerConfig {
+            prefix_cache,
+            ..small(2, 64, 4)
+        };
+        // 8 blocks: room for two requests and a little cache.
+        let (mut e, _clock) = engine(config, 32);
+        let mut lines = vec![];
+        let mut results = vec![];
+        for tail in [[1u32, 2].as_slice(), &[3, 4, 5], &[6], &[]] {
+            let (_, mut rx) = e.submit(ask(with(tail))).unwrap();
+            lines.extend(run_to_idle(&mut e, 20));
+            let events = drain(&mut rx);
+            let cached = events.iter().find_map(|ev| match ev {
+                batching_types::OutputEvent::Finished { usage, .. } => Some(usage.cached_tokens),
+                _ => None,
+            });
+            results.push((tokens_and_finish(&events).0, cached));
+        }
+        // Other work fills the pool and evicts the cached blocks.
+        let (_, mut other) = e.submit(ask((500..528).collect())).unwrap();
+        lines.extend(run_to_idle(&mut e, 20));
+        tokens_and_finish(&drain(&mut other));
+        let (_, mut again) = e.submit(ask(with(&[1, 2]))).unwrap();
+        lines.extend(run_to_idle(&mut e, 20));
+        let events = drain(&mut again);
+        results.push((tokens_and_finish(&events).0, None));
+        assert_eq!(
+            e.backend().control().stats().violations,
+            Vec::<String>::new()
+        );
+        (lines, results, e.backend().control().stats().cached_tokens)
+    };
+    let (lines, cached_run, cached_tokens) = run(true);
+    insta::assert_snapshot!(lines.join("\n"));
+    let (_, plain_run, plain_tokens) = run(false);
+    // The same tokens with and without the cache, each its solo tokens.
+    for ((with_cache, _), (without, _)) in cached_run.iter().zip(&plain_run) {
+        assert_eq!(with_cache, without);
+    }
+    assert_eq!(
+        cached_run[0].0,
+        expected_tokens(&with(&[1, 2]), None, 3, 1000, None)
+    );
+    // The first request computes the prefix; the next three reuse its 3
+    // blocks (the empty tail reuses 2, since its last token must be fed).
+    let reported: Vec<_> = cached_run[..4].iter().map(|r| r.1).collect();
+    assert_eq!(reported, vec![Some(0), Some(12), Some(12), Some(8)]);
+    assert_eq!(plain_tokens, 0);
+    assert!(cached_tokens >= 32);
+}

@@ -167,6 +167,14 @@ pub trait Backend {
         sampling: &SamplingParams,
     ) -> Result<(), Self::Error>;
 
+    /// Tells the backend that the first `tokens` context tokens of a
+    /// sequence it was just given are already in the first blocks of its
+    /// table (a prefix-cache hit: other sequences wrote them): its prefill
+    /// starts after them. Called right after `add_sequence`, before any plan
+    /// names the sequence, with a whole number of blocks that leaves at
+    /// least one context token to compute.
+    fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error>;
+
     /// Runs one forward pass over `plan` and returns one result per item, in
     /// order. An `Err` means the whole step failed and no sequence advanced.
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, Self::Error>;

@@ -48,6 +48,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated and delivered.
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of being
+    /// computed (at the request's first admission).
+    pub cached_tokens: usize,
 }
 
 /// One event on a request's output stream.

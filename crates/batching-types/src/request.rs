@@ -74,6 +74,9 @@ pub struct BatchRequest {
     /// How many times it has been taken out of the batch (paused or
     /// preempted); the scheduler stops preempting it for urgency at a limit.
     pub preemptions: u32,
+    /// Prompt tokens served from the prefix cache at its first admission;
+    /// `None` until then.
+    pub cached_prompt_tokens: Option<usize>,
 }
 
 impl BatchRequest {
@@ -102,6 +105,7 @@ impl BatchRequest {
             block_table: Vec::new(),
             sampling: spec.sampling,
             preemptions: 0,
+            cached_prompt_tokens: None,
         })
     }
 

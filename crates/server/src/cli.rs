@@ -123,6 +123,13 @@ pub struct ServeArgs {
     /// prompt leaves room for others to start beside it.
     #[arg(long, default_value_t = 128)]
     pub max_prefill_chunk: usize,
+    /// Do not keep KV blocks of earlier prompts for reuse. By default full
+    /// blocks of prompts and answers stay cached (evicted least recently
+    /// used when memory is needed), and a request whose prompt starts with
+    /// them, for example the same system prompt or conversation history,
+    /// computes only the rest (`usage.prompt_tokens_details.cached_tokens`).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 /// `mlx-batch generate`.

@@ -91,7 +91,11 @@ impl Generation {
                     message,
                 }) => Some(self.on_finished(
                     reason,
-                    UsageOut::new(usage.prompt_tokens, usage.completion_tokens),
+                    UsageOut::new(
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        usage.cached_tokens,
+                    ),
                     message,
                 )),
                 None => {
@@ -124,7 +128,7 @@ impl Generation {
     }
 
     fn usage(&self) -> UsageOut {
-        UsageOut::new(self.prompt_tokens, self.completion_tokens)
+        UsageOut::new(self.prompt_tokens, self.completion_tokens, 0)
     }
 
     fn on_token(&mut self, token: u32) -> Option<Step> {

@@ -20,6 +20,8 @@ pub struct SimStats {
     pub prefill_tokens: u64,
     /// Decode tokens fed.
     pub decode_tokens: u64,
+    /// Context tokens taken from the prefix cache instead of fed.
+    pub cached_tokens: u64,
     /// Sequences added.
     pub added: u64,
     /// Sequences released (known ids only).

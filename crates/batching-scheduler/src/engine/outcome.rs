@@ -51,6 +51,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                             );
                             continue;
                         }
+                        // The whole context is in the cache now: requests
+                        // that start the same way can share it at once.
+                        self.register_written(i);
+                        let a = &mut self.active[i];
                         if a.req.set_status(RequestStatus::Running, now).is_err() {
                             self.finish_active(
                                 i,
@@ -162,14 +166,38 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         let Some(stand_in) = placeholder(self.clock.now()) else {
             return;
         };
-        let a = &mut self.active[i];
-        if a.gone {
+        if self.active[i].gone {
             return;
         }
+        self.register_written(i);
+        let a = &mut self.active[i];
         a.gone = true;
         self.backend.release(a.req.request_id);
         let mut req = std::mem::replace(&mut a.req, stand_in);
         self.finish_request(&mut req, reason, message, Some(trace));
+    }
+
+    /// Offers the full blocks that active request `i` has written to the
+    /// prefix cache, so later requests that start with the same tokens
+    /// reuse them. Its last sampled token was never fed, so it is not in
+    /// the cache.
+    pub(super) fn register_written(&mut self, i: usize) {
+        if !self.config.prefix_cache {
+            return;
+        }
+        let a = &self.active[i];
+        let written = if a.decoding() {
+            a.req.effective_tokens().saturating_sub(1)
+        } else {
+            a.prefilled
+        };
+        let full = written / self.blocks.block_size() * self.blocks.block_size();
+        if full == 0 {
+            return;
+        }
+        let tokens = a.req.context_tokens();
+        self.blocks
+            .register(&a.req.block_table, &tokens[..full.min(tokens.len())]);
     }
 
     /// Sends the one finish event, frees blocks and records metrics.
@@ -210,6 +238,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             usage: Usage {
                 prompt_tokens: req.prompt_tokens.len(),
                 completion_tokens: req.generated_tokens.len(),
+                cached_tokens: req.cached_prompt_tokens.unwrap_or(0),
             },
             message,
         });
@@ -233,6 +262,12 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         self.hot.waiting.set(waiting as f64);
         self.hot.blocks_used.set(self.blocks.used() as f64);
         self.hot.blocks_free.set(self.blocks.free() as f64);
+        self.hot.blocks_cached.set(self.blocks.cached_free() as f64);
+        let evictions = self.blocks.evictions();
+        self.hot
+            .prefix_evictions
+            .increment(evictions.saturating_sub(self.evictions_seen.get()));
+        self.evictions_seen.set(evictions);
     }
 
     /// Publishes the backend's memory; only after a step, since the drop

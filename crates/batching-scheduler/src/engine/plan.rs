@@ -172,18 +172,40 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 break;
             };
             let needed = self.blocks.blocks_for(tokens);
-            if needed.saturating_sub(held) > self.blocks.free() {
+            if let Some(paused) = self.paused.remove(&id) {
+                if needed.saturating_sub(held) > self.blocks.free() {
+                    self.paused.insert(id, paused);
+                    break;
+                }
+                let Some(mut req) = self.queue.remove(id) else {
+                    break;
+                };
+                self.blocks.grow_to(&mut req.block_table, needed);
+                self.resume(req, paused, items, slots, budget, now, trace);
+                live += 1;
+                continue;
+            }
+            // A new (or recomputed) request: its context may start with
+            // blocks that are already cached.
+            let context = self
+                .queue
+                .peek_with(|r| r.context_tokens())
+                .unwrap_or_default();
+            let hits = if self.config.prefix_cache {
+                self.blocks.lookup(&context)
+            } else {
+                Vec::new()
+            };
+            let fresh = needed.saturating_sub(hits.len());
+            if fresh + self.blocks.idle_among(&hits) > self.blocks.free() {
                 break;
             }
             let Some(mut req) = self.queue.remove(id) else {
                 break;
             };
+            self.blocks.share(&mut req.block_table, &hits);
             self.blocks.grow_to(&mut req.block_table, needed);
-            if let Some(paused) = self.paused.remove(&id) {
-                self.resume(req, paused, items, slots, budget, now, trace);
-                live += 1;
-                continue;
-            }
+            let cached = hits.len() * self.blocks.block_size();
             let first = req.started_at.is_none();
             if req.set_status(RequestStatus::Prefilling, now).is_err() {
                 self.finish_request(
@@ -198,9 +220,21 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 self.shared.unreserve();
                 let waited = now.saturating_duration_since(req.created_at).as_secs_f64();
                 self.hot.queue_time[usize::from(req.priority.value())].record(waited);
+                if self.config.prefix_cache {
+                    self.hot.prefix_queries.increment(context.len() as u64);
+                    self.hot.prefix_hits.increment(cached as u64);
+                }
+                req.cached_prompt_tokens = Some(cached.min(req.prompt_tokens.len()));
             }
-            let context = req.context_tokens();
-            if let Err(err) = self.backend.add_sequence(id, &context, &req.sampling) {
+            let added = self
+                .backend
+                .add_sequence(id, &context, &req.sampling)
+                .and_then(|()| match cached {
+                    0 => Ok(()),
+                    n => self.backend.use_cached_prefix(id, n),
+                });
+            if let Err(err) = added {
+                self.backend.release(id);
                 self.finish_request(
                     &mut req,
                     FinishReason::Error,
@@ -209,8 +243,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 );
                 continue;
             }
-            let len = context
-                .len()
+            let len = (context.len() - cached)
                 .min(*budget)
                 .min(self.config.max_prefill_chunk);
             *budget -= len;
@@ -224,7 +257,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             self.active.push(Active {
                 req,
                 context_len: context.len(),
-                prefilled: 0,
+                prefilled: cached,
                 last_token_at: None,
                 gone: false,
             });

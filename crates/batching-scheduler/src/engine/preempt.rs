@@ -360,10 +360,13 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         let Some(stand_in) = placeholder(now) else {
             return;
         };
-        let a = &mut self.active[i];
-        if a.gone {
+        if self.active[i].gone {
             return;
         }
+        // What it wrote stays findable, so its recomputation (and anyone
+        // else with the same start) may skip it.
+        self.register_written(i);
+        let a = &mut self.active[i];
         a.gone = true;
         self.blocks.release(&mut a.req.block_table);
         self.backend.release(a.req.request_id);

@@ -29,6 +29,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         preemption: !args.no_preemption,
         max_preemptions: args.max_preemptions,
         max_prefill_chunk: args.max_prefill_chunk,
+        prefix_cache: !args.no_prefix_cache,
         ..SchedulerConfig::default()
     };
     let grace = scheduler.shutdown_grace;

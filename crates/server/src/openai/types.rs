@@ -133,15 +133,26 @@ pub struct UsageOut {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// How the prompt was served.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV cache was reused from earlier requests
+    /// (the prefix cache) instead of computed.
+    pub cached_tokens: usize,
 }
 
 impl UsageOut {
-    /// Usage from the two counts.
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    /// Usage from the counts.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 }
