@@ -26,6 +26,8 @@ use loadgen::{BenchArgs as LoadArgs, ChartSeries, LengthSpec, RunSummary};
 
 use crate::util::{cargo, run as run_step, workspace_root};
 
+mod conversation;
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -48,6 +50,11 @@ pub struct BenchArgs {
     /// The longest a server may take to answer `/v1/models`, in seconds.
     #[arg(long, default_value_t = 600)]
     ready_timeout_s: u64,
+    /// Only the multi-turn chat comparison of mlx-batch with and without
+    /// its prefix cache (written to `conversation.md`), which otherwise
+    /// runs after the servers when mlx-batch is among them.
+    #[arg(long)]
+    conversation_only: bool,
 }
 
 /// The three servers this command knows how to start.
@@ -178,7 +185,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(Server::parse)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
-        if args.quick {
+        if args.conversation_only {
+            root.join("bench-results").join("conversation")
+        } else if args.quick {
             root.join("bench-results").join("quick")
         } else {
             root.join("docs").join("benchmarks")
@@ -214,6 +223,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
          (they halve OpenBLAS GEMM speed on this machine)"
     );
 
+    let compare_cache = servers.contains(&Server::MlxBatch) || args.conversation_only;
+    let paths = conversation::Paths {
+        root: &root,
+        model_dir: &model_dir,
+        raw_dir: &raw_dir,
+        out_dir: &out_dir,
+    };
+    if args.conversation_only {
+        return conversation::compare(&paths, &args, &runtime, &machine);
+    }
     let mut measured: BTreeMap<Server, Measured> = BTreeMap::new();
     let mut skipped: Vec<(Server, String)> = Vec::new();
     for server in servers {
@@ -259,7 +278,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         measured: &measured,
         skipped: &skipped,
         machine: &machine,
-    })
+    })?;
+    if compare_cache {
+        conversation::compare(&paths, &args, &runtime, &machine)?;
+    }
+    Ok(())
 }
 
 /// Finds the GGUF that setup extracted under `.models/download`.

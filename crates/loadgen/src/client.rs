@@ -51,7 +51,13 @@ impl Target {
         });
         match self.endpoint {
             Endpoint::Chat => {
-                body["messages"] = json!([{ "role": "user", "content": spec.prompt }]);
+                body["messages"] = match &spec.messages {
+                    Some(history) => history
+                        .iter()
+                        .map(|(role, content)| json!({ "role": role, "content": content }))
+                        .collect(),
+                    None => json!([{ "role": "user", "content": spec.prompt }]),
+                };
             }
             Endpoint::Completions => body["prompt"] = json!(spec.prompt),
         }
@@ -96,6 +102,8 @@ pub async fn send(
         chunks: 0,
         usage_prompt_tokens: None,
         usage_completion_tokens: None,
+        usage_cached_tokens: None,
+        text: spec.messages.as_ref().map(|_| String::new()),
         itl_mean_ms: None,
         itl_gaps_ms: Vec::new(),
         finish_reason: None,
@@ -211,6 +219,12 @@ fn apply_chunk(
         };
         rec.usage_prompt_tokens = get("prompt_tokens").or(rec.usage_prompt_tokens);
         rec.usage_completion_tokens = get("completion_tokens").or(rec.usage_completion_tokens);
+        rec.usage_cached_tokens = usage
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .or(rec.usage_cached_tokens);
     }
     let Some(choice) = value.get("choices").and_then(|c| c.get(0)) else {
         return Ok(());
@@ -222,6 +236,9 @@ fn apply_chunk(
         .and_then(Value::as_str)
         .unwrap_or("");
     if !text.is_empty() {
+        if let Some(kept) = rec.text.as_mut() {
+            kept.push_str(text);
+        }
         rec.chunks += 1;
         match last_text.replace(now) {
             Some(prev) => rec.itl_gaps_ms.push(ms(now.duration_since(prev))),

@@ -36,6 +36,13 @@ pub struct RequestRecord {
     pub usage_prompt_tokens: Option<u32>,
     /// The server's `usage.completion_tokens`, when it sent usage.
     pub usage_completion_tokens: Option<u32>,
+    /// The server's `usage.prompt_tokens_details.cached_tokens`, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_cached_tokens: Option<u32>,
+    /// The answer's text, kept for multi-turn conversations (whose next
+    /// turn sends it back) and to compare outputs between runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// Mean time per output token after the first:
     /// `(last chunk - first chunk) / (output_tokens - 1)`.
     pub itl_mean_ms: Option<f64>,

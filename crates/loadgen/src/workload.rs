@@ -33,6 +33,10 @@ pub struct RequestSpec {
     pub priority: Option<Priority>,
     /// Whether it is a HIGH-priority probe.
     pub probe: bool,
+    /// A whole chat history to send instead of `prompt` as one user
+    /// message (multi-turn conversations); the answer's text is then kept
+    /// in the record.
+    pub messages: Option<Vec<(String, String)>>,
 }
 
 impl WorkloadConfig {
@@ -55,6 +59,7 @@ impl WorkloadConfig {
                     max_tokens,
                     priority,
                     probe: false,
+                    messages: None,
                 }
             })
             .collect()
@@ -75,6 +80,7 @@ impl WorkloadConfig {
                     max_tokens,
                     priority: Some(Priority::High),
                     probe: true,
+                    messages: None,
                 }
             })
             .collect()
