@@ -15,7 +15,7 @@ use std::{
 
 use batching_types::{
     Backend, BackendCapacity, BackendMemory, KvBlocks, RequestId, SamplingParams, SequenceOutcome,
-    SequenceResult, StepOutput, StepPlan, WorkKind,
+    SequenceResult, StepItem, StepOutput, StepPlan, WorkKind,
 };
 use mlx_rs::Dtype;
 
@@ -228,14 +228,13 @@ impl MlxBackend {
 
     fn plan_item(
         &self,
-        id: RequestId,
-        kind: WorkKind,
+        (item, step_item): (usize, &StepItem),
         table: Option<&Vec<u32>>,
         batch: &mut StepBatch,
         chunks_tokens: &mut Vec<u32>,
         chunk_samples: &mut Vec<(usize, usize)>,
-        item: usize,
     ) -> Planned {
+        let StepItem { id, kind } = *step_item;
         let Some(seq) = self.sequences.get(&id) else {
             return Planned::Failed(format!("{id} is not registered"));
         };
@@ -387,7 +386,7 @@ impl Backend for MlxBackend {
         let Some(seq) = self.sequences.get_mut(&id) else {
             return Err(BackendError::Sequence(format!("{id} is not registered")));
         };
-        if seq.cached != 0 || tokens >= seq.context.len() || bs == 0 || tokens % bs != 0 {
+        if seq.cached != 0 || tokens >= seq.context.len() || bs == 0 || !tokens.is_multiple_of(bs) {
             return Err(BackendError::Sequence(format!(
                 "{id}: a cached prefix of {tokens} tokens does not fit its {} context tokens in blocks of {bs}",
                 seq.context.len()
@@ -405,13 +404,11 @@ impl Backend for MlxBackend {
         let mut planned = Vec::with_capacity(plan.items.len());
         for (i, item) in plan.items.iter().enumerate() {
             let p = self.plan_item(
-                item.id,
-                item.kind,
+                (i, item),
                 plan.block_tables.get(i),
                 &mut batch,
                 &mut chunk_tokens,
                 &mut chunk_samples,
-                i,
             );
             planned.push(p);
         }

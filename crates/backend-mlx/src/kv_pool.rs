@@ -1,9 +1,10 @@
 //! The KV cache as a pool of fixed-size blocks, indexed by the scheduler's
 //! block ids.
 //!
-//! Each layer keeps keys and values as one `[blocks * block_size, kv_heads
-//! * head_dim]` array: row `b * block_size + i` holds token `i` of block
-//! `b`, so a block is one contiguous run of rows. A step writes every new
+//! Each layer keeps keys and values as one
+//! `[blocks * block_size, kv_heads * head_dim]` array: row
+//! `b * block_size + i` holds token `i` of block `b`, so a block is one
+//! contiguous run of rows. A step writes every new
 //! token of every sequence with one scatter per array (in place, since the
 //! pool holds the only handle), and attention reads a sequence's tokens by
 //! gathering its whole blocks along the first axis, in table order (the

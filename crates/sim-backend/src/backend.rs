@@ -308,7 +308,7 @@ impl Backend for SimBackend {
     fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), SimError> {
         let bs = self.pool.as_ref().map_or(0, |p| p.layout.block_size);
         let ok = self.sequences.get(&id).is_some_and(|seq| {
-            seq.kv == 0 && tokens < seq.context.len() && bs > 0 && tokens % bs == 0
+            seq.kv == 0 && tokens < seq.context.len() && bs > 0 && tokens.is_multiple_of(bs)
         });
         if !ok {
             return Err(self.violation(format!(

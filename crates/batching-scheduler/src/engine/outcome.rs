@@ -8,7 +8,7 @@ use batching_types::{
     StepOutput, StepPlan, Usage, WorkKind,
 };
 
-use super::{placeholder, preempt::Reason, Engine};
+use super::{preempt::Reason, Engine};
 use crate::{metrics as names, StepTrace};
 
 impl<B: Backend, C: Clock + Clone> Engine<B, C> {
@@ -162,18 +162,14 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         message: Option<String>,
         trace: &mut StepTrace,
     ) {
-        // A cheap stand-in: the slot is dropped by the next `retain`.
-        let Some(stand_in) = placeholder(self.clock.now()) else {
-            return;
-        };
         if self.active[i].gone {
             return;
         }
         self.register_written(i);
-        let a = &mut self.active[i];
-        a.gone = true;
-        self.backend.release(a.req.request_id);
-        let mut req = std::mem::replace(&mut a.req, stand_in);
+        let Some(mut req) = self.take_active(i) else {
+            return;
+        };
+        self.backend.release(req.request_id);
         self.finish_request(&mut req, reason, message, Some(trace));
     }
 

@@ -259,15 +259,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     /// keeps its blocks and its backend cache and waits in the queue, under
     /// its original rank, to continue where it stopped.
     pub(super) fn pause(&mut self, i: usize, now: Instant, trace: &mut StepTrace) {
-        let Some(stand_in) = placeholder(now) else {
+        let Some(mut req) = self.take_active(i) else {
             return;
         };
-        let a = &mut self.active[i];
-        if a.gone {
-            return;
-        }
-        a.gone = true;
-        let mut req = std::mem::replace(&mut a.req, stand_in);
+        let a = &self.active[i];
         let state = Paused {
             context_len: a.context_len,
             prefilled: a.prefilled,
@@ -314,18 +309,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 self.paused.remove(&id);
                 self.blocks.release(&mut req.block_table);
                 self.backend.release(id);
-                trace.preempted.push(id);
-                ::metrics::counter!(names::PREEMPTIONS, "reason" => reason.as_str()).increment(1);
-                if req.set_status(RequestStatus::Waiting, now).is_err() {
-                    self.finish_request(
-                        &mut req,
-                        FinishReason::Error,
-                        Some("internal error: could not drop a paused cache".into()),
-                        Some(trace),
-                    );
-                    return;
-                }
-                self.requeue(req, trace);
+                self.back_to_waiting(req, reason, now, trace);
             }
         }
     }
@@ -357,26 +341,35 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     /// to be recomputed later.
     pub(super) fn preempt(&mut self, i: usize, reason: Reason, trace: &mut StepTrace) {
         let now = self.clock.now();
-        let Some(stand_in) = placeholder(now) else {
-            return;
-        };
         if self.active[i].gone {
             return;
         }
         // What it wrote stays findable, so its recomputation (and anyone
         // else with the same start) may skip it.
         self.register_written(i);
-        let a = &mut self.active[i];
-        a.gone = true;
-        self.blocks.release(&mut a.req.block_table);
-        self.backend.release(a.req.request_id);
-        let mut req = std::mem::replace(&mut a.req, stand_in);
+        let Some(mut req) = self.take_active(i) else {
+            return;
+        };
+        self.blocks.release(&mut req.block_table);
+        self.backend.release(req.request_id);
         if reason != Reason::Retry {
             req.preemptions += 1;
         }
+        self.back_to_waiting(req, reason, now, trace);
+    }
+
+    /// Puts a request whose cache is gone back in the queue (both
+    /// PREFILLING, RUNNING and PAUSED may go back to WAITING), counted as
+    /// preempted for `reason`.
+    fn back_to_waiting(
+        &mut self,
+        mut req: BatchRequest,
+        reason: Reason,
+        now: Instant,
+        trace: &mut StepTrace,
+    ) {
         trace.preempted.push(req.request_id);
         ::metrics::counter!(names::PREEMPTIONS, "reason" => reason.as_str()).increment(1);
-        // Both PREFILLING and RUNNING may go back to WAITING.
         if req.set_status(RequestStatus::Waiting, now).is_err() {
             self.finish_request(
                 &mut req,
@@ -387,6 +380,19 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             return;
         }
         self.requeue(req, trace);
+    }
+
+    /// Takes active request `i` out of its slot, leaving an inert stand-in
+    /// (the slot is dropped at the end of the step); `None` if it already
+    /// left.
+    pub(super) fn take_active(&mut self, i: usize) -> Option<BatchRequest> {
+        if self.active[i].gone {
+            return None;
+        }
+        let stand_in = placeholder(self.clock.now())?;
+        let a = &mut self.active[i];
+        a.gone = true;
+        Some(std::mem::replace(&mut a.req, stand_in))
     }
 
     fn requeue(&mut self, req: BatchRequest, trace: &mut StepTrace) {
