@@ -29,7 +29,10 @@
 //! newer work of that class (a LOW request queued `2 / aging_rate` seconds
 //! ago outranks every HIGH request that arrives after that), and none is
 //! taken out for urgency more than `max_preemptions` times. Nothing is
-//! taken out unless the waiting request then fits. [`bound`] gives the
+//! taken out unless the waiting request then fits. The one exception to the
+//! limit is progress itself: when a running decode needs a block and every
+//! other holder has used up its preemptions, the least urgent of them still
+//! gives up its cache, since otherwise nothing could advance. [`bound`] gives the
 //! longest any request can wait, queued plus paused.
 //!
 //! Then decodes: every running sequence gets its next token, and when KV
