@@ -515,3 +515,43 @@ fn a_shared_prefix_is_computed_once_survives_its_request_and_is_evicted_last() {
     assert_eq!(plain_tokens, 0);
     assert!(cached_tokens >= 32);
 }
+
+#[test]
+fn a_request_arriving_mid_prefill_shares_the_blocks_already_written() {
+    let config = SchedulerConfig {
+        max_prefill_chunk: 8,
+        ..small(2, 16, 4)
+    };
+    let (mut e, _clock) = engine(config, 256);
+    let long: Vec<u32> = (1..=40).collect();
+    let ask = |prompt: Vec<u32>| batching_types::NewRequest {
+        prompt_tokens: prompt,
+        ..request(1, 2, Priority::Normal)
+    };
+    let (_, mut first) = e.submit(ask(long.clone())).unwrap();
+    let mut lines = vec![e.step().to_string(), e.step().to_string()];
+    // 16 tokens of the long prompt are in the cache now: 4 blocks.
+    let mut second_prompt = long[..24].to_vec();
+    second_prompt.push(99);
+    let (_, mut second) = e.submit(ask(second_prompt.clone())).unwrap();
+    lines.extend(run_to_idle(&mut e, 30));
+    insta::assert_snapshot!(lines.join("\n"));
+    assert_eq!(
+        tokens_and_finish(&drain(&mut first)).0,
+        expected_tokens(&long, None, 2, 1000, None)
+    );
+    let events = drain(&mut second);
+    let cached = events.iter().find_map(|ev| match ev {
+        batching_types::OutputEvent::Finished { usage, .. } => Some(usage.cached_tokens),
+        _ => None,
+    });
+    assert_eq!(cached, Some(16), "the blocks the first had written by then");
+    assert_eq!(
+        tokens_and_finish(&events).0,
+        expected_tokens(&second_prompt, None, 2, 1000, None)
+    );
+    assert_eq!(
+        e.backend().control().stats().violations,
+        Vec::<String>::new()
+    );
+}

@@ -36,6 +36,11 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                             Some("the backend finished a prefill without a token".into()),
                             trace,
                         );
+                    } else {
+                        // A long prompt's finished blocks are shareable at
+                        // once, by requests that arrive while it is still
+                        // being prefilled.
+                        self.register_written(i);
                     }
                 }
                 (kind, SequenceOutcome::Token(token)) => {
