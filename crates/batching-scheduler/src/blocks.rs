@@ -138,7 +138,9 @@ impl BlockAllocator {
     /// user this was becomes free; if it holds a registered prefix it stays
     /// findable until it is evicted.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        for id in table.drain(..) {
+        // Last block first: a chain's tail then leaves the LRU before its
+        // root, so eviction never strands the blocks after an evicted one.
+        for id in table.drain(..).rev() {
             let i = id as usize;
             self.refs[i] = self.refs[i].saturating_sub(1);
             if self.refs[i] > 0 {
@@ -179,6 +181,15 @@ impl BlockAllocator {
         hits
     }
 
+    /// Blocks of `table` that only one request holds: what giving up
+    /// that table returns to [`BlockAllocator::free`].
+    pub fn sole_owned(&self, table: &[u32]) -> usize {
+        table
+            .iter()
+            .filter(|&&id| self.refs.get(id as usize) == Some(&1))
+            .count()
+    }
+
     /// Of `hits` (from [`BlockAllocator::lookup`]), how many are free now:
     /// sharing them takes them out of [`BlockAllocator::free`].
     pub fn idle_among(&self, hits: &[u32]) -> usize {
@@ -210,8 +221,26 @@ impl BlockAllocator {
         for (chunk, &id) in tokens.chunks_exact(self.block_size).zip(table) {
             let hash = chain(parent.map(|p| p.0), chunk);
             let i = id as usize;
-            match self.by_hash.get(&hash) {
-                Some(&owner) if owner == id => {}
+            match self.by_hash.get(&hash).copied() {
+                Some(owner) if owner == id => {}
+                // A registration whose parent was evicted can never be
+                // found again; an idle one gives its hash to this block.
+                Some(other) if self.stale(other, parent.map(|p| p.1), chunk) => {
+                    self.forget(other);
+                    if self.lru.remove(&self.released_at[other as usize]).is_some() {
+                        self.free.insert(other);
+                    }
+                    if self.cached[i].is_none() {
+                        self.cached[i] = Some(Cached {
+                            hash,
+                            parent: parent.map(|p| p.1),
+                            tokens: chunk.to_vec(),
+                        });
+                        self.by_hash.insert(hash, id);
+                    } else {
+                        return;
+                    }
+                }
                 // Another block holds this prefix (two requests computed it
                 // at once): this copy, and the rest of the sequence after
                 // it, stay private and are freed as usual.
@@ -228,6 +257,16 @@ impl BlockAllocator {
             }
             parent = Some((hash, id));
         }
+    }
+
+    /// Whether block `id`'s registration is unreachable (its parent is no
+    /// longer the block before it) and unused, so it may be replaced.
+    fn stale(&self, id: u32, parent: Option<u32>, tokens: &[u32]) -> bool {
+        let i = id as usize;
+        self.refs[i] == 0
+            && self.cached[i]
+                .as_ref()
+                .is_some_and(|c| c.parent != parent || c.tokens != tokens)
     }
 
     /// Drops a block's registration (it is about to be reused).

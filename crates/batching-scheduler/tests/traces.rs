@@ -555,3 +555,28 @@ fn a_request_arriving_mid_prefill_shares_the_blocks_already_written() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_paused_request_behind_the_head_gives_up_its_blocks_even_on_a_tie() {
+    // P and H arrive at the same instant with the same priority: the queue
+    // serves H first once P has been paused and put back, though P is the
+    // older request. H then needs blocks that only paused P holds.
+    let (mut e, _clock) = engine(small(1, 16, 4), 16);
+    let (_, mut p) = e.submit(request(12, 3, Priority::Normal)).unwrap();
+    let (_, mut h) = e.submit(request(8, 3, Priority::Normal)).unwrap();
+    let mut lines = vec![e.step().to_string()];
+    let (_, mut w) = e.submit(request(2, 1, Priority::High)).unwrap();
+    lines.extend(run_to_idle(&mut e, 40));
+    insta::assert_snapshot!(lines.join("\n"));
+    for (rx, prompt, n) in [(&mut p, 12, 3), (&mut h, 8, 3), (&mut w, 2, 1)] {
+        let prompt: Vec<u32> = (1..=prompt).collect();
+        assert_eq!(
+            tokens_and_finish(&drain(rx)),
+            (
+                expected_tokens(&prompt, None, n, 1000, None),
+                FinishReason::Length
+            )
+        );
+    }
+    assert_eq!(e.health().kv_blocks_used, 0);
+}

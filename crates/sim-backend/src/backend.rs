@@ -38,6 +38,13 @@ struct BlockPool {
     owner: Vec<Option<RequestId>>,
 }
 
+/// What one plan's tables are checked against.
+struct TableCheck<'a> {
+    pool: &'a BlockPool,
+    /// The sequences holding each block once the plan runs.
+    holders: &'a HashMap<u32, Vec<RequestId>>,
+}
+
 impl BlockPool {
     fn new(layout: KvBlocks) -> Self {
         Self {
@@ -104,6 +111,25 @@ impl SimBackend {
             )));
         }
         let mut seen = std::collections::HashSet::new();
+        // Who holds each block after this plan: every live sequence's last
+        // table, or its table in this plan. Readers of a shared prefix hold
+        // its blocks as much as their writer did.
+        let mut tables: HashMap<RequestId, &[u32]> = self
+            .sequences
+            .iter()
+            .map(|(&id, seq)| (id, seq.table.as_slice()))
+            .collect();
+        for (item, table) in plan.items.iter().zip(&plan.block_tables) {
+            if tables.contains_key(&item.id) {
+                tables.insert(item.id, table.as_slice());
+            }
+        }
+        let mut holders: HashMap<u32, Vec<RequestId>> = HashMap::new();
+        for (&id, table) in &tables {
+            for &block in *table {
+                holders.entry(block).or_default().push(id);
+            }
+        }
         let mut writes: HashMap<u32, RequestId> = HashMap::new();
         for (item, table) in plan.items.iter().zip(&plan.block_tables) {
             if let Some(seq) = self.sequences.get(&item.id) {
@@ -111,7 +137,11 @@ impl SimBackend {
                     WorkKind::Prefill { len } => len,
                     WorkKind::Decode => 1,
                 };
-                self.check_table(pool, item.id, seq, table, grow, &mut writes)?;
+                let check = TableCheck {
+                    pool,
+                    holders: &holders,
+                };
+                self.check_table(&check, item.id, seq, table, grow, &mut writes)?;
             }
         }
         for item in &plan.items {
@@ -153,13 +183,14 @@ impl SimBackend {
     /// pool, and writes only into blocks no other sequence owns or writes.
     fn check_table(
         &self,
-        pool: &BlockPool,
+        check: &TableCheck<'_>,
         id: RequestId,
         seq: &Sequence,
         table: &[u32],
         grow: usize,
         writes: &mut HashMap<u32, RequestId>,
     ) -> Result<(), SimError> {
+        let pool = check.pool;
         let bs = pool.layout.block_size;
         let after = seq.kv + grow;
         if table.len() < after.div_ceil(bs) {
@@ -197,9 +228,12 @@ impl SimBackend {
         }
         for position in seq.kv..after {
             let block = table[position / bs];
-            let owner = pool.owner[block as usize];
+            let shared = check
+                .holders
+                .get(&block)
+                .is_some_and(|h| h.iter().any(|&o| o != id));
             let other = writes.insert(block, id).filter(|&w| w != id);
-            if owner.is_some_and(|o| o != id) || other.is_some() {
+            if shared || other.is_some() {
                 return Err(self.violation(format!(
                     "{id} writes into block {block}, which another sequence holds"
                 )));

@@ -61,8 +61,8 @@ struct Paused {
     since: Instant,
     priority: Priority,
     enqueued_at: Option<Instant>,
-    /// KV blocks it holds.
-    blocks: usize,
+    /// The KV blocks it holds (a copy of its table).
+    table: Vec<u32>,
 }
 
 /// The scheduler's core: owns the backend, the waiting queue and the KV

@@ -33,14 +33,22 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         self.active.retain(|a| !a.gone);
         let mut ended = self.queue.remove_where(|r| r.events.is_closed());
         let cancelled = ended.len();
+        // At shutdown, requests that never started are cancelled at once;
+        // those already streaming (paused, or preempted to be recomputed)
+        // may finish within the grace period like running ones.
         if shutting_down {
-            ended.extend(self.queue.drain());
+            ended.extend(
+                self.queue
+                    .remove_where(|r| grace_over || r.started_at.is_none()),
+            );
         }
         for (n, mut r) in ended.into_iter().enumerate() {
             let message = if n < cancelled {
                 "the client disconnected"
-            } else {
+            } else if r.started_at.is_none() {
                 "the server shut down before the request started"
+            } else {
+                "the server shut down"
             };
             self.finish_request(
                 &mut r,
@@ -146,9 +154,9 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         // overtakes it, so priorities and aging are honoured exactly.
         // `make_way` has already made room for heads that outrank running
         // work.
-        if self.shutdown_deadline.is_none() {
-            self.admit(&mut items, &mut slots, &mut budget, now, trace);
-        }
+        // During shutdown only requests that already started are left in
+        // the queue; they may come back until the grace period ends.
+        self.admit(&mut items, &mut slots, &mut budget, now, trace);
         (items, slots)
     }
 
@@ -165,12 +173,20 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             && items.len() < self.config.max_batch_size
             && live < self.config.max_batch_size
         {
-            let Some((id, tokens, held)) = self
-                .queue
-                .peek_with(|r| (r.request_id, r.effective_tokens(), r.block_table.len()))
-            else {
+            let Some((id, tokens, held, started)) = self.queue.peek_with(|r| {
+                let started = r.started_at.is_some();
+                (
+                    r.request_id,
+                    r.effective_tokens(),
+                    r.block_table.len(),
+                    started,
+                )
+            }) else {
                 break;
             };
+            if self.shutdown_deadline.is_some() && !started {
+                break;
+            }
             let needed = self.blocks.blocks_for(tokens);
             if let Some(paused) = self.paused.remove(&id) {
                 if needed.saturating_sub(held) > self.blocks.free() {

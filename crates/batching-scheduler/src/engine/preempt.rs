@@ -130,6 +130,7 @@ pub(super) enum Victim {
 
 /// What the most urgent waiting requests need, read from the queue.
 struct Head {
+    id: RequestId,
     rank: Rank,
     /// KV blocks it needs beyond those it holds.
     blocks: usize,
@@ -153,19 +154,42 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         }
         let max = self.config.max_batch_size;
         let rate = self.config.aging_rate;
-        let block_size = self.blocks.block_size();
-        let heads: Vec<Head> = self.queue.peek_n_with(max, |r| Head {
-            rank: Rank::of(r, now, rate),
-            blocks: r
-                .effective_tokens()
-                .div_ceil(block_size)
-                .saturating_sub(r.block_table.len()),
+        let blocks = &self.blocks;
+        let prefix_cache = self.config.prefix_cache;
+        let heads: Vec<Head> = self.queue.peek_n_with(max, |r| {
+            let needed = blocks.blocks_for(r.effective_tokens());
+            // What admission will take from the free blocks: a paused
+            // request only its growth; a new one its blocks minus prefix-
+            // cache hits, plus the hits that are idle (they leave the LRU).
+            let taken = if !r.block_table.is_empty() || !prefix_cache {
+                needed.saturating_sub(r.block_table.len())
+            } else {
+                let hits = blocks.lookup(&r.context_tokens());
+                needed.saturating_sub(hits.len()) + blocks.idle_among(&hits)
+            };
+            Head {
+                id: r.request_id,
+                rank: Rank::of(r, now, rate),
+                blocks: taken,
+            }
         });
         let mut live = self.active.iter().filter(|a| !a.gone).count();
-        // Blocks promised to heads already judged, so that the heads behind
-        // them are judged against what will be left.
-        let mut reserved = 0;
+        // Blocks promised already: the ones this step's decodes will take,
+        // then those of the heads judged so far, so that each head is judged
+        // against what will really be left.
+        let mut reserved: usize = self
+            .active
+            .iter()
+            .filter(|a| !a.gone && a.decoding())
+            .map(|a| {
+                self.blocks
+                    .blocks_for(a.req.effective_tokens())
+                    .saturating_sub(a.req.block_table.len())
+            })
+            .sum();
+        let mut judged = std::collections::HashSet::new();
         for head in heads {
+            judged.insert(head.id);
             let free = self.blocks.free().saturating_sub(reserved);
             let slot_short = live >= max;
             let blocks_short = head.blocks.saturating_sub(free);
@@ -174,7 +198,8 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 reserved += head.blocks;
                 continue;
             }
-            let Some(choice) = self.choose_victims(&head, slot_short, blocks_short, now) else {
+            let Some(choice) = self.choose_victims(&head, &judged, slot_short, blocks_short, now)
+            else {
                 // The head waits, and nobody behind it may overtake it.
                 break;
             };
@@ -199,6 +224,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     fn choose_victims(
         &self,
         head: &Head,
+        judged: &std::collections::HashSet<RequestId>,
         slot_short: bool,
         blocks_short: usize,
         now: Instant,
@@ -221,17 +247,24 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             // Every cache the head may reclaim, least urgent first; the
             // request paused for the slot is among them and, if its blocks
             // are needed, is dropped instead of paused.
+            // Only blocks nobody else reads (no prefix-cache sharer) become
+            // free when a cache is dropped.
             let mut pool: Vec<(Rank, Victim, usize)> = running
                 .iter()
                 .map(|&(rank, i)| {
-                    let held = self.active[i].req.block_table.len();
+                    let held = self.blocks.sole_owned(&self.active[i].req.block_table);
                     (rank, Victim::Active(i), held)
                 })
                 .collect();
+            // Every paused request that is not a head judged so far sits
+            // behind this head in the queue's own order, so its cache may
+            // go: this is judged by queue position, not by `Rank`, so that
+            // the two orders can never disagree on a tie and leave the head
+            // waiting for blocks that only a paused request holds.
             for (&id, p) in &self.paused {
-                let rank = self.rank_paused(id, p, now);
-                if head.rank.outranks(&rank) {
-                    pool.push((rank, Victim::Paused(id), p.blocks));
+                if !judged.contains(&id) {
+                    let rank = self.rank_paused(id, p, now);
+                    pool.push((rank, Victim::Paused(id), self.blocks.sole_owned(&p.table)));
                 }
             }
             pool.sort_by_key(|p| std::cmp::Reverse(p.0));
@@ -270,7 +303,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             since: now,
             priority: req.priority,
             enqueued_at: req.enqueued_at,
-            blocks: req.block_table.len(),
+            table: req.block_table.clone(),
         };
         if req.set_status(RequestStatus::Paused, now).is_err() {
             self.backend.release(req.request_id);
@@ -303,10 +336,12 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             Victim::Active(i) => self.preempt(i, reason, trace),
             Victim::Paused(id) => {
                 let now = self.clock.now();
+                // Forgotten first, so that a request missing from the queue
+                // can never be picked again.
+                self.paused.remove(&id);
                 let Some(mut req) = self.queue.remove(id) else {
                     return;
                 };
-                self.paused.remove(&id);
                 self.blocks.release(&mut req.block_table);
                 self.backend.release(id);
                 self.back_to_waiting(req, reason, now, trace);
