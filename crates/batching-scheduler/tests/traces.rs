@@ -580,3 +580,32 @@ fn a_paused_request_behind_the_head_gives_up_its_blocks_even_on_a_tie() {
     }
     assert_eq!(e.health().kv_blocks_used, 0);
 }
+
+#[test]
+fn at_shutdown_a_paused_stream_finishes_within_the_grace_and_unstarted_work_is_cancelled() {
+    let (mut e, _clock) = engine(small(1, 16, 4), 256);
+    let (_, mut low) = e.submit(request(4, 6, Priority::Low)).unwrap();
+    e.step();
+    e.step();
+    let (_, mut high) = e.submit(request(2, 2, Priority::High)).unwrap();
+    let (_, mut queued) = e.submit(request(2, 2, Priority::Low)).unwrap();
+    assert_eq!(e.step().paused.len(), 1);
+    e.begin_shutdown();
+    run_to_idle(&mut e, 40);
+    assert_eq!(tokens_and_finish(&drain(&mut high)).1, FinishReason::Length);
+    let (tokens, reason) = tokens_and_finish(&drain(&mut low));
+    assert_eq!(
+        (tokens.len(), reason),
+        (6, FinishReason::Length),
+        "it resumed and finished"
+    );
+    let events = drain(&mut queued);
+    assert!(matches!(
+        &events[..],
+        [batching_types::OutputEvent::Finished {
+            reason: FinishReason::Cancelled,
+            message: Some(m),
+            ..
+        }] if m.contains("before the request started")
+    ));
+}
