@@ -226,11 +226,11 @@ impl MlxBackend {
         self.sequences.len()
     }
 
-    fn plan_item(
+    fn plan_item<'a>(
         &self,
         (item, step_item): (usize, &StepItem),
-        table: Option<&Vec<u32>>,
-        batch: &mut StepBatch,
+        table: Option<&'a Vec<u32>>,
+        batch: &mut StepBatch<'a>,
         chunks_tokens: &mut Vec<u32>,
         chunk_samples: &mut Vec<(usize, usize)>,
     ) -> Planned {
@@ -266,7 +266,7 @@ impl MlxBackend {
                 }
                 batch.tokens.push(last);
                 batch.decodes.push(Decode {
-                    table: table.clone(),
+                    table,
                     position: cached,
                 });
                 let index = batch.decodes.len() - 1;
@@ -285,7 +285,7 @@ impl MlxBackend {
                 let start = chunks_tokens.len();
                 chunks_tokens.extend_from_slice(&seq.context[seq.prefilled..end]);
                 batch.chunks.push(Chunk {
-                    table: table.clone(),
+                    table,
                     start,
                     len,
                     position: seq.prefilled,

@@ -177,12 +177,6 @@ impl KvPool {
         Ok(())
     }
 
-    /// Drops the arrays, and with them every block's content.
-    pub fn clear(&mut self) {
-        self.arrays.clear();
-        self.allocated = 0;
-    }
-
     /// Layer `layer`'s keys and values.
     pub(crate) fn layer(&self, layer: usize) -> Option<&(Array, Array)> {
         self.arrays.get(layer)
@@ -247,8 +241,6 @@ mod tests {
         assert_eq!(&data[5 * 8..6 * 8], &[1.0; 8]);
         assert_eq!(data.iter().filter(|&&x| x != 0.0).count(), 8);
         assert!(p.ensure(41).is_err());
-        p.clear();
-        assert_eq!(p.allocated_bytes(), 0);
     }
 
     #[test]

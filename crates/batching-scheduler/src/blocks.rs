@@ -123,6 +123,7 @@ impl BlockAllocator {
                     Some((_, id)) => {
                         self.forget(id);
                         self.evictions += 1;
+                        ::metrics::counter!(crate::metrics::PREFIX_EVICTIONS).increment(1);
                         id
                     }
                     None => return false,

@@ -114,7 +114,6 @@ pub(crate) struct Hot {
     pub(crate) blocks_cached: ::metrics::Gauge,
     pub(crate) prefix_queries: ::metrics::Counter,
     pub(crate) prefix_hits: ::metrics::Counter,
-    pub(crate) prefix_evictions: ::metrics::Counter,
     /// Active, peak, cache and KV pool bytes, in that order.
     pub(crate) memory: [::metrics::Gauge; 4],
 }
@@ -142,7 +141,6 @@ impl Hot {
             blocks_cached: ::metrics::gauge!(KV_BLOCKS_CACHED),
             prefix_queries: ::metrics::counter!(PREFIX_QUERY_TOKENS),
             prefix_hits: ::metrics::counter!(PREFIX_HIT_TOKENS),
-            prefix_evictions: ::metrics::counter!(PREFIX_EVICTIONS),
             memory: [MEMORY_ACTIVE, MEMORY_PEAK, MEMORY_CACHE, KV_POOL_BYTES]
                 .map(|name| ::metrics::gauge!(name)),
         }

@@ -54,9 +54,9 @@ pub struct LlamaModel {
 
 /// A prefill chunk inside a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chunk {
+pub struct Chunk<'a> {
     /// The sequence's block table, covering the chunk's last token.
-    pub table: Vec<u32>,
+    pub table: &'a [u32],
     /// Index of the chunk's first token in [`StepBatch::tokens`].
     pub start: usize,
     /// Tokens in the chunk.
@@ -67,22 +67,22 @@ pub struct Chunk {
 
 /// One decoding sequence inside a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decode {
+pub struct Decode<'a> {
     /// The sequence's block table, covering the fed token.
-    pub table: Vec<u32>,
+    pub table: &'a [u32],
     /// Absolute position of the fed token (the tokens already cached).
     pub position: usize,
 }
 
 /// The tokens of one step, decodes first, then prefill chunks in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StepBatch {
+pub struct StepBatch<'a> {
     /// Every token fed this step.
     pub tokens: Vec<u32>,
     /// The decoding sequences, one per token of `tokens[..decodes.len()]`.
-    pub decodes: Vec<Decode>,
+    pub decodes: Vec<Decode<'a>>,
     /// The prefill chunks, covering the rest of `tokens`.
-    pub chunks: Vec<Chunk>,
+    pub chunks: Vec<Chunk<'a>>,
     /// Indices into `tokens` whose next-token logits are wanted.
     pub sample_at: Vec<usize>,
 }
@@ -211,7 +211,7 @@ impl LlamaModel {
     /// Builds the graph of one step, writes the step's keys and values into
     /// `pool` and returns the logits (`[sample_at.len(), vocab]`, f32) of
     /// the requested tokens, unevaluated. The caller evaluates once per step.
-    pub fn forward(&self, batch: &StepBatch, pool: &mut KvPool) -> MlxResult<Option<Array>> {
+    pub fn forward(&self, batch: &StepBatch<'_>, pool: &mut KvPool) -> MlxResult<Option<Array>> {
         let c = &self.config;
         let t = batch.tokens.len();
         if t == 0 {
@@ -244,21 +244,11 @@ impl LlamaModel {
             Ok(())
         };
         for d in &batch.decodes {
-            place(&d.table, d.position)?;
+            place(d.table, d.position)?;
         }
         for chunk in &batch.chunks {
             for i in 0..chunk.len {
-                place(&chunk.table, chunk.position + i)?;
-            }
-        }
-        for table in batch
-            .decodes
-            .iter()
-            .map(|d| &d.table)
-            .chain(batch.chunks.iter().map(|c| &c.table))
-        {
-            if let Some(&top) = table.iter().max() {
-                top_block = top_block.max(top as usize + 1);
+                place(chunk.table, chunk.position + i)?;
             }
         }
         pool.ensure(top_block)?;
@@ -476,14 +466,14 @@ struct GatherPlan {
 }
 
 impl GatherPlan {
-    fn new(batch: &StepBatch, bs: usize, dtype: Dtype) -> MlxResult<Self> {
+    fn new(batch: &StepBatch<'_>, bs: usize, dtype: Dtype) -> MlxResult<Self> {
         let decode = if batch.decodes.is_empty() {
             None
         } else {
             let rows: Vec<(&[u32], usize)> = batch
                 .decodes
                 .iter()
-                .map(|d| (d.table.as_slice(), d.position + 1))
+                .map(|d| (d.table, d.position + 1))
                 .collect();
             let gather = BlockGather::new(&rows, bs, None);
             let span = (gather.blocks * gather.block_size) as usize;
@@ -504,7 +494,7 @@ impl GatherPlan {
             .iter()
             .map(|chunk| {
                 let end = chunk.position + chunk.len;
-                BlockGather::new(&[(chunk.table.as_slice(), end)], bs, Some(end))
+                BlockGather::new(&[(chunk.table, end)], bs, Some(end))
             })
             .collect();
         Ok(Self { decode, chunks })

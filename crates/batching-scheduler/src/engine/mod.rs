@@ -89,8 +89,6 @@ pub struct Engine<B: Backend, C: Clock + Clone> {
     shutdown_deadline: Option<Instant>,
     steps: u64,
     hot: names::Hot,
-    /// Evictions already counted in the metric.
-    evictions_seen: std::cell::Cell<u64>,
 }
 
 impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Engine<B, C> {
@@ -155,7 +153,6 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             shutdown_deadline: None,
             steps: 0,
             hot: names::Hot::register(),
-            evictions_seen: std::cell::Cell::new(0),
         })
     }
 

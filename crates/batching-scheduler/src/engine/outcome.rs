@@ -264,11 +264,6 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         self.hot.blocks_used.set(self.blocks.used() as f64);
         self.hot.blocks_free.set(self.blocks.free() as f64);
         self.hot.blocks_cached.set(self.blocks.cached_free() as f64);
-        let evictions = self.blocks.evictions();
-        self.hot
-            .prefix_evictions
-            .increment(evictions.saturating_sub(self.evictions_seen.get()));
-        self.evictions_seen.set(evictions);
     }
 
     /// Publishes the backend's memory; only after a step, since the drop

@@ -156,13 +156,18 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
         let rate = self.config.aging_rate;
         let blocks = &self.blocks;
         let prefix_cache = self.config.prefix_cache;
+        let free = blocks.free();
         let heads: Vec<Head> = self.queue.peek_n_with(max, |r| {
-            let needed = blocks.blocks_for(r.effective_tokens());
             // What admission will take from the free blocks: a paused
             // request only its growth; a new one its blocks minus prefix-
             // cache hits, plus the hits that are idle (they leave the LRU).
-            let taken = if !r.block_table.is_empty() || !prefix_cache {
-                needed.saturating_sub(r.block_table.len())
+            // Hits only lower the need, so the context is looked up only
+            // when the plain need does not fit: most steps copy nothing.
+            let needed = blocks
+                .blocks_for(r.effective_tokens())
+                .saturating_sub(r.block_table.len());
+            let taken = if !r.block_table.is_empty() || !prefix_cache || needed <= free {
+                needed
             } else {
                 let hits = blocks.lookup(&r.context_tokens());
                 needed.saturating_sub(hits.len()) + blocks.idle_among(&hits)
