@@ -43,13 +43,7 @@ pub struct StepTrace {
 impl StepTrace {
     /// Tokens the plan fed through the model.
     pub fn num_tokens(&self) -> usize {
-        self.items
-            .iter()
-            .map(|i| match i.kind {
-                WorkKind::Prefill { len } => len,
-                WorkKind::Decode => 1,
-            })
-            .sum()
+        self.items.iter().map(|i| i.kind.tokens()).sum()
     }
 }
 

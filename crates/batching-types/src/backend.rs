@@ -66,6 +66,16 @@ pub enum WorkKind {
     Decode,
 }
 
+impl WorkKind {
+    /// Tokens this work feeds through the model (and writes to the cache).
+    pub fn tokens(self) -> usize {
+        match self {
+            Self::Prefill { len } => len,
+            Self::Decode => 1,
+        }
+    }
+}
+
 /// One sequence's share of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepItem {
@@ -90,13 +100,7 @@ pub struct StepPlan {
 impl StepPlan {
     /// Tokens fed through the model by this step.
     pub fn num_tokens(&self) -> usize {
-        self.items
-            .iter()
-            .map(|item| match item.kind {
-                WorkKind::Prefill { len } => len,
-                WorkKind::Decode => 1,
-            })
-            .sum()
+        self.items.iter().map(|item| item.kind.tokens()).sum()
     }
 }
 

@@ -133,10 +133,7 @@ impl SimBackend {
         let mut writes: HashMap<u32, RequestId> = HashMap::new();
         for (item, table) in plan.items.iter().zip(&plan.block_tables) {
             if let Some(seq) = self.sequences.get(&item.id) {
-                let grow = match item.kind {
-                    WorkKind::Prefill { len } => len,
-                    WorkKind::Decode => 1,
-                };
+                let grow = item.kind.tokens();
                 let check = TableCheck {
                     pool,
                     holders: &holders,

@@ -38,10 +38,7 @@ impl Tables {
         let mut block_tables = vec![];
         for &(id, kind) in items {
             let (table, len) = self.held.entry(id).or_default();
-            *len += match kind {
-                WorkKind::Prefill { len } => len,
-                WorkKind::Decode => 1,
-            };
+            *len += kind.tokens();
             while table.len() * self.block_size < *len {
                 table.push(self.next);
                 self.next += 1;

@@ -244,10 +244,7 @@ impl Tables {
         let mut block_tables = Vec::with_capacity(items.len());
         for item in &items {
             let (table, len) = self.held.entry(item.id).or_default();
-            *len += match item.kind {
-                WorkKind::Prefill { len } => len,
-                WorkKind::Decode => 1,
-            };
+            *len += item.kind.tokens();
             while table.len() * BLOCK_SIZE < *len {
                 let block = self.free.pop().unwrap_or_else(|| {
                     self.next += 1;

@@ -132,7 +132,6 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
 
         // Prefills already under way, oldest first, each capped so that a
         // long prompt leaves budget for admissions beside it.
-        let cap = self.config.max_prefill_chunk;
         for (i, a) in self.active.iter().enumerate() {
             if budget == 0 {
                 break;
@@ -140,7 +139,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             if a.gone || a.decoding() {
                 continue;
             }
-            let len = (a.context_len - a.prefilled).min(budget).min(cap);
+            let len = self.chunk_len(a.context_len - a.prefilled, budget);
             budget -= len;
             items.push(StepItem {
                 id: a.req.request_id,
@@ -259,9 +258,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 );
                 continue;
             }
-            let len = (context.len() - cached)
-                .min(*budget)
-                .min(self.config.max_prefill_chunk);
+            let len = self.chunk_len(context.len() - cached, *budget);
             *budget -= len;
             items.push(StepItem {
                 id,
@@ -278,6 +275,13 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
                 gone: false,
             });
         }
+    }
+
+    /// The next prefill chunk of a request with `remaining` prompt tokens:
+    /// what the step's budget leaves, and never more than
+    /// `max_prefill_chunk`, so a long prompt leaves room for others.
+    fn chunk_len(&self, remaining: usize, budget: usize) -> usize {
+        remaining.min(budget).min(self.config.max_prefill_chunk)
     }
 
     /// Brings a paused request back into the batch where it stopped: its
@@ -315,15 +319,10 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
             WorkKind::Decode
         } else {
             WorkKind::Prefill {
-                len: (paused.context_len - paused.prefilled)
-                    .min(*budget)
-                    .min(self.config.max_prefill_chunk),
+                len: self.chunk_len(paused.context_len - paused.prefilled, *budget),
             }
         };
-        *budget -= match kind {
-            WorkKind::Prefill { len } => len,
-            WorkKind::Decode => 1,
-        };
+        *budget -= kind.tokens();
         let priority = usize::from(req.priority.value());
         self.hot.pause_time[priority]
             .record(now.saturating_duration_since(paused.since).as_secs_f64());
