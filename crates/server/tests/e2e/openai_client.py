@@ -262,30 +262,38 @@ def check_high_enters_a_full_batch():
     wait_metric("mlx_batch_paused_requests", lambda v: v == 0)
 
 
-LONG_PROMPT = [{"role": "user", "content": "Summarise this text. " + " ".join(
-    f"Paragraph {i}: the river ran past the mill, the miller counted sacks of grain, and the children played by the water." for i in range(48))}]
+def long_prompt(topic):
+    """A prompt of about 1.3k tokens; each topic shares no block with another
+    (beyond the chat template's system prompt), so the prefix cache cannot
+    serve one from the other."""
+    return [{"role": "user", "content": f"Summarise this text about the {topic}. " + " ".join(
+        f"Paragraph {i}: the {topic} ran past the mill, the miller counted sacks of grain, and the children played by the water."
+        for i in range(48))}]
 
 
 def check_short_prompts_start_beside_a_long_one():
     """Short requests behind a long prompt start within a few steps: their
     TTFT is compared with the same short requests sent together to an idle
     server."""
-    shorts = [[{"role": "user", "content": f"Name {i} colors."}] for i in range(2, 6)]
-
-    def short_ttfts(marks):
+    # Every round asks new questions, so that no round's prompts are served
+    # from the prefix cache that an earlier round filled.
+    def short_ttfts(marks, round_):
+        shorts = [[{"role": "user", "content": f"Name {i} colors of a {round_}."}] for i in range(2, 6)]
         run_threads([lambda m=m, i=i: stream_text(m, 4, marks=marks, key=i) for i, m in enumerate(shorts)])
         return [marks[i][0] - marks[i][2] for i in range(len(shorts))]
 
     wait_metric("mlx_batch_running_requests", lambda v: v == 0)
-    idle = median(max(short_ttfts({})) for _ in range(3))
+    idle = median(max(short_ttfts({}, round_)) for round_ in ("car", "bird", "house"))
     wait_metric("mlx_batch_running_requests", lambda v: v == 0)
-    alone_long = ttft_of(LONG_PROMPT, 4)
+    alone_long = ttft_of(long_prompt("river"), 4)
     marks = {}
-    long = threading.Thread(target=lambda: stream_text(LONG_PROMPT, 4, marks=marks, key="long"))
+    # Another topic, so the long prompt is computed again, not read from the
+    # prefix cache that the run alone filled.
+    long = threading.Thread(target=lambda: stream_text(long_prompt("brook"), 4, marks=marks, key="long"))
     long.start()
     # The long prompt is being prefilled when the short ones arrive.
     wait_metric("mlx_batch_running_requests", lambda v: v >= 1)
-    ttfts = short_ttfts(marks)
+    ttfts = short_ttfts(marks, "flower")
     long.join()
     long_ttft = marks["long"][0] - marks["long"][2]
     print(
