@@ -1,10 +1,12 @@
-//! Builds mlx-c against a prebuilt MLX and generates its Rust bindings.
+//! Links mlx-c and a prebuilt MLX and generates the Rust bindings.
 //!
-//! Nothing is downloaded here: `cargo xtask setup` installs MLX (from the
-//! official wheel) and the mlx-c sources (from the crates.io package
-//! `mlx-sys` 0.7.0) into the project-local `.mlx/` folder, or `MLX_DIR` and
-//! `MLX_C_DIR` point elsewhere. Every failure ends in one `cargo::error` line
-//! that says what to run, instead of pages of compiler output.
+//! Nothing is downloaded or built with cmake here: `cargo xtask setup`
+//! installs MLX (from the official wheel) and the mlx-c sources (from the
+//! crates.io package `mlx-sys` 0.7.0) into the project-local `.mlx/` folder
+//! and builds mlx-c there once, where its progress shows and every cargo
+//! profile shares it. `MLX_DIR`, `MLX_C_DIR` and `MLX_C_LIB_DIR` point
+//! elsewhere. Every failure ends in one `cargo::error` line that says what
+//! to run, instead of pages of compiler output.
 
 #[path = "build/bindings.rs"]
 mod bindings;
@@ -12,8 +14,6 @@ mod bindings;
 mod blas;
 #[path = "build/locate.rs"]
 mod locate;
-#[path = "build/mlxc.rs"]
-mod mlxc;
 
 use std::path::PathBuf;
 
@@ -35,8 +35,6 @@ pub struct Env {
     pub manifest_dir: PathBuf,
     /// The target's operating system (`linux`, `macos`, ...).
     pub target_os: String,
-    /// How many jobs cargo allows.
-    pub jobs: String,
 }
 
 fn main() {
@@ -53,6 +51,7 @@ fn run() -> Result<(), BuildError> {
     for var in [
         "MLX_DIR",
         "MLX_C_DIR",
+        "MLX_C_LIB_DIR",
         "MLX_BATCH_NO_OPENBLAS",
         "LIBCLANG_PATH",
     ] {
@@ -64,11 +63,13 @@ fn run() -> Result<(), BuildError> {
 
     let sources = locate::find(&env)?;
     let compat_header = env.manifest_dir.join("include").join("mlx_sys_compat.h");
-    let mlxc_lib_dir = mlxc::build(&env, &sources, &compat_header)?;
     bindings::generate(&env, &sources, &compat_header)?;
 
     // The static mlx-c first: it needs libmlx, which comes after it.
-    println!("cargo::rustc-link-search=native={}", mlxc_lib_dir.display());
+    println!(
+        "cargo::rustc-link-search=native={}",
+        sources.mlx_c_lib_dir.display()
+    );
     println!("cargo::rustc-link-lib=static=mlxc");
     println!(
         "cargo::rustc-link-search=native={}",
@@ -112,6 +113,5 @@ fn read_env() -> Result<Env, BuildError> {
         out_dir: PathBuf::from(var("OUT_DIR")?),
         manifest_dir: PathBuf::from(var("CARGO_MANIFEST_DIR")?),
         target_os: var("CARGO_CFG_TARGET_OS")?,
-        jobs: var("NUM_JOBS").unwrap_or_else(|_| "1".to_owned()),
     })
 }

@@ -447,25 +447,13 @@ fn prepare(
     Ok(cmd)
 }
 
-/// Installs mlx-lm on the pinned MLX wheel into `.mlx/python`, unless it
-/// is there.
+/// Installs mlx-lm on the pinned MLX wheel into `.mlx/python` (as setup's
+/// references do), unless it is there.
 fn ensure_mlx_lm(root: &Path, no_install: bool) -> anyhow::Result<()> {
-    let version = crate::setup::MLX_VERSION;
-    let requirements = [
-        format!("mlx-lm[cpu]=={version}"),
-        format!("mlx=={version}"),
-        format!("mlx-cpu=={version}"),
-    ];
-    let requirements: Vec<&str> = requirements.iter().map(String::as_str).collect();
-    ensure_pip(
-        &PipInstall {
-            dir: &root.join(".mlx").join("python"),
-            package: "mlx_lm",
-            requirements: &requirements,
-            cmake_args: None,
-        },
-        no_install,
-    )
+    if no_install && !crate::setup::references::mlx_lm_installed(root) {
+        bail!("mlx-lm is not installed in .mlx/python (--no-install)");
+    }
+    crate::setup::references::ensure_mlx_lm(root)
 }
 
 /// `python3` over the MLX Python in `.mlx/python`, with OpenBLAS as it is

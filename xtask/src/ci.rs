@@ -1,4 +1,9 @@
-//! `cargo xtask ci`: every check, in order, failing fast.
+//! `cargo xtask ci`: setup (with the Python references), then every check,
+//! in order, failing fast.
+//!
+//! A missing reference makes the tests that need it skip with a message on
+//! a developer's machine; `.ci/run` sets `MLX_BATCH_REQUIRE_REFERENCES=1` so
+//! that in CI the same skip is a failure.
 
 use anyhow::bail;
 
@@ -22,8 +27,13 @@ const FORBIDDEN_IN_CORE: [&str; 7] = [
     "http",
 ];
 
-/// Runs every check in order and stops at the first failure.
+/// Sets up what is missing, then runs every check in order and stops at
+/// the first failure.
 pub fn run() -> anyhow::Result<()> {
+    crate::setup::run(crate::setup::SetupArgs {
+        cuda: false,
+        references: true,
+    })?;
     run_step("format check", cargo().args(["fmt", "--all", "--check"]))?;
     run_step(
         "clippy",

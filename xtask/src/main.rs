@@ -7,6 +7,7 @@
 mod bench;
 mod ci;
 mod model;
+mod progress;
 mod serve;
 mod setup;
 mod util;
@@ -24,11 +25,13 @@ struct Cli {
 enum Command {
     /// Compare mlx-batch with mlx-lm and llama.cpp on the same model.
     Bench(bench::BenchArgs),
-    /// Run every check CI runs, failing fast.
+    /// Set up what is missing (references included), then run every check
+    /// CI runs, failing fast.
     Ci,
     /// Set up if needed, then serve the default model on 127.0.0.1:8080.
     Serve(serve::ServeArgs),
-    /// Install MLX and the default model into project-local folders.
+    /// Install what a fresh machine lacks: system packages (apt-get, as
+    /// root), MLX, mlx-c and the default model.
     Setup(setup::SetupArgs),
 }
 

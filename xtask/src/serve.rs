@@ -21,7 +21,10 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Setup ends by making sure the default model exists and returns its
     // folder, so the model is checked once, not twice.
-    let model = crate::setup::run(crate::setup::SetupArgs { cuda: false })?;
+    let model = crate::setup::run(crate::setup::SetupArgs {
+        cuda: false,
+        references: false,
+    })?;
     run_step(
         "serve",
         cargo()

@@ -5,8 +5,7 @@
 # Both runs unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE in their own
 # environment only: some machines set them to values that halve OpenBLAS
 # GEMM speed, and both sides use the same OpenBLAS. Needs the Python
-# reference (tests/oracle/install.sh) and the default model (cargo xtask
-# setup). Both sides read the same knobs from the environment:
+# reference and the default model (`cargo xtask setup --references`). Both sides read the same knobs from the environment:
 # MLX_BATCH_BENCH_DTYPES, MLX_BATCH_BENCH_BATCHES, MLX_BATCH_BENCH_MODEL.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../../.." && pwd)"

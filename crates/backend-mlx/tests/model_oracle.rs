@@ -5,7 +5,7 @@
 //! of several decode steps must match, alone and inside a batch.
 //!
 //! Skips with a message when the reference is not installed
-//! (`tests/oracle/install.sh`); CI installs it.
+//! (`cargo xtask setup --references`, which `cargo xtask ci` runs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod model_support;

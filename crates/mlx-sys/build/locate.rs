@@ -1,4 +1,4 @@
-//! Finds the prebuilt MLX and the mlx-c sources.
+//! Finds the prebuilt MLX, the mlx-c sources and the mlx-c library.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,8 @@ pub struct Sources {
     pub mlx_lib: PathBuf,
     /// The mlx-c source tree (with `CMakeLists.txt` and `mlx/c/*.h`).
     pub mlx_c_dir: PathBuf,
+    /// The folder that holds the static `libmlxc.a`.
+    pub mlx_c_lib_dir: PathBuf,
 }
 
 /// Looks in `MLX_DIR` / `MLX_C_DIR` first, then in the project-local
@@ -66,7 +68,21 @@ pub fn find(env: &Env) -> Result<Sources, BuildError> {
     }
     println!("cargo::rerun-if-changed={}", cmake_lists.display());
 
+    let mlx_c_lib_dir = match std::env::var_os("MLX_C_LIB_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => project_mlx.join("mlx-c-build"),
+    };
+    let mlx_c_lib = mlx_c_lib_dir.join("libmlxc.a");
+    if !mlx_c_lib.is_file() {
+        return Err(BuildError(format!(
+            "mlx-c is not built (no {}): run `cargo xtask setup` or set MLX_C_LIB_DIR",
+            mlx_c_lib.display()
+        )));
+    }
+    println!("cargo::rerun-if-changed={}", mlx_c_lib.display());
+
     Ok(Sources {
+        mlx_c_lib_dir,
         mlx_lib_dir: mlx_dir.join("lib"),
         mlx_include_dir,
         mlx_lib,

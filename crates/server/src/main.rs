@@ -10,7 +10,7 @@ use server::{
 
 fn main() {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    telemetry::init_logging(cli.log_format);
     if let Err(e) = run(&cli) {
         // `{:#}` joins the error's context chain on one line.
         eprintln!("mlx-batch: error: {e:#}");

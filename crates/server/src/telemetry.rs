@@ -5,12 +5,15 @@
 //! (there are many in a test binary) renders from the same handle.
 
 use std::{
+    io::IsTerminal,
     sync::{Mutex, PoisonError},
     time::Duration,
 };
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::cli::LogFormat;
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -40,13 +43,20 @@ pub fn prometheus() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+/// Text has ANSI colours only when stderr is a terminal, so a log
+/// redirected to a file or a pipeline carries no escape codes.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second call (only possible in tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second call (only possible in tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+    };
 }

@@ -1,9 +1,10 @@
 //! End-to-end tests with the real default model on the CPU, driven by the
 //! official `openai` Python package against a server started here.
 //!
-//! They skip, printing why, when the default model (`cargo xtask setup`)
-//! or Python is missing. The `openai` package is installed from PyPI into
-//! the git-ignored `.mlx/openai-client` folder on first use.
+//! They skip, printing why, when the default model or the `openai` package
+//! is missing; `cargo xtask setup --references` (which `cargo xtask ci`
+//! runs) installs both, the client into the git-ignored
+//! `.mlx/openai-client` folder.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,9 +23,6 @@ use server::{
     text_model::TextModel,
 };
 
-/// The `openai` releases the checks are written for.
-const OPENAI_REQUIREMENT: &str = "openai>=1.40,<3";
-
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -37,32 +35,16 @@ fn imports_openai(dir: &Path) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The folder holding the `openai` package, installing it when missing.
+/// The folder holding the `openai` package, which setup installs.
 fn openai_package() -> Result<PathBuf, String> {
     let dir = workspace_root().join(".mlx").join("openai-client");
     if imports_openai(&dir) {
         return Ok(dir);
     }
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg("--target")
-        .arg(&dir)
-        .arg(OPENAI_REQUIREMENT)
-        .output()
-        .map_err(|e| format!("python3 is not available: {e}"))?;
-    if !out.status.success() || !imports_openai(&dir) {
-        return Err(format!(
-            "could not install {OPENAI_REQUIREMENT}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(dir)
+    Err(format!(
+        "the openai client is not installed in {} (run `cargo xtask setup --references`)",
+        dir.display()
+    ))
 }
 
 /// Starts a server on the default model; `None` (after printing why) when

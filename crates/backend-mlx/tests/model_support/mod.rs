@@ -352,7 +352,7 @@ pub fn python_reference() -> Option<Command> {
     if !site.join("mlx_lm").is_dir() {
         eprintln!(
             "SKIPPED: the Python reference is not installed; run \
-             crates/backend-mlx/tests/oracle/install.sh (CI does)"
+             `cargo xtask setup --references` (`cargo xtask ci` does)"
         );
         assert!(
             std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),

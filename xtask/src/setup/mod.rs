@@ -1,21 +1,33 @@
-//! `cargo xtask setup`: installs MLX, the mlx-c sources and the default model
-//! into project-local, git-ignored folders.
+//! `cargo xtask setup`: installs everything a fresh machine lacks, into
+//! project-local, git-ignored folders where it can.
 //!
-//! Everything is pinned: the MLX wheel by version and sha256 (pip checks the
-//! hash with `--require-hashes`), the mlx-c sources by the exact version of
-//! the crates.io package `mlx-sys` that carries them. A stamp file records
-//! what was installed, so that a second run returns at once.
+//! In order: the system packages the build needs ([`system`], apt-get when
+//! root), the MLX wheel and the mlx-c sources, the mlx-c library
+//! ([`mlx_c`]), the default model ([`crate::model`]) and, for `ci`, the
+//! Python references ([`references`]). Everything is pinned: the MLX wheel
+//! by version and sha256 (pip checks the hash with `--require-hashes`), the
+//! mlx-c sources by the exact version of the crates.io package `mlx-sys`
+//! that carries them. Every step checks before it acts (stamp files, a
+//! `PATH` lookup), so a second run takes milliseconds; `serve` and `ci` start
+//! with it.
+
+mod mlx_c;
+pub mod references;
+pub mod system;
 
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{bail, Context};
 use clap::Args;
+use sha2::{Digest, Sha256};
 
-use crate::util::{cargo, run as run_step};
+use crate::progress::{log_path, run_logged};
+use crate::util::cargo;
 
 /// The MLX release that mlx-c 0.7.0 is written against; 0.32.3 changed the
 /// signature of `gather_qmm`, which breaks mlx-c 0.7.0.
@@ -27,7 +39,8 @@ const MLX_C_CRATE: &str = "mlx-sys";
 const MLX_C_CRATE_VERSION: &str = "0.7.0";
 
 /// Bump when the layout of `.mlx/` changes, so old installs are redone.
-const LAYOUT_VERSION: u32 = 1;
+/// Version 2 builds mlx-c here instead of in mlx-sys's build script.
+const LAYOUT_VERSION: u32 = 2;
 
 /// A wheel that setup may install: the pip package and the sha256 of every
 /// file pip may pick for it (one per platform tag).
@@ -76,17 +89,24 @@ pub struct SetupArgs {
     /// present).
     #[arg(long)]
     pub cuda: bool,
+    /// Also install the Python references the tests compare against
+    /// (mlx-lm on the same MLX wheel, the official `openai` client);
+    /// `cargo xtask ci` asks for them.
+    #[arg(long)]
+    pub references: bool,
 }
 
 /// Installs everything `mlx-batch` needs and returns the default model
 /// folder; quick when nothing changed.
 pub fn run(args: SetupArgs) -> anyhow::Result<PathBuf> {
+    let started = Instant::now();
     let root = crate::util::workspace_root();
     let mlx = root.join(".mlx");
-    let wheel = choose_wheel(args.cuda);
-    let stamp = stamp_text(wheel);
-    let stamp_path = mlx.join("stamp");
+    system::ensure(&system::BUILD)?;
 
+    let wheel = choose_wheel(args.cuda);
+    let stamp = stamp_text(&root, wheel)?;
+    let stamp_path = mlx.join("stamp");
     if fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) && installed(&mlx) {
         eprintln!(
             "xtask: MLX {MLX_VERSION} ({}) and mlx-c are already set up",
@@ -98,6 +118,7 @@ pub fn run(args: SetupArgs) -> anyhow::Result<PathBuf> {
         fs::create_dir_all(&mlx).with_context(|| format!("creating {}", mlx.display()))?;
         install_wheel(&mlx, wheel)?;
         install_mlx_c_sources(&mlx)?;
+        mlx_c::build(&root, &mlx)?;
         fs::write(&stamp_path, &stamp)
             .with_context(|| format!("writing {}", stamp_path.display()))?;
         eprintln!(
@@ -106,7 +127,15 @@ pub fn run(args: SetupArgs) -> anyhow::Result<PathBuf> {
         );
     }
 
-    crate::model::ensure_default_model(&root)
+    let model = crate::model::ensure_default_model(&root)?;
+    if args.references {
+        references::ensure(&root)?;
+    }
+    eprintln!(
+        "xtask: setup finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
 }
 
 /// The Metal wheel on macOS; on Linux the CUDA wheel when asked for or when
@@ -130,12 +159,20 @@ fn nvidia_driver_present() -> bool {
 }
 
 /// Everything that decides what is installed; any change redoes setup.
-fn stamp_text(wheel: &Wheel) -> String {
-    format!(
-        "layout {LAYOUT_VERSION}\nmlx {} {MLX_VERSION}\nsha256 {}\nmlx-c {MLX_C_CRATE}-{MLX_C_CRATE_VERSION}\n",
+/// The compat header is compiled into mlx-c, so its contents count too.
+fn stamp_text(root: &Path, wheel: &Wheel) -> anyhow::Result<String> {
+    let header_path = mlx_c::compat_header(root);
+    let header =
+        fs::read(&header_path).with_context(|| format!("reading {}", header_path.display()))?;
+    let header_sha: String = Sha256::digest(&header)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!(
+        "layout {LAYOUT_VERSION}\nmlx {} {MLX_VERSION}\nsha256 {}\nmlx-c {MLX_C_CRATE}-{MLX_C_CRATE_VERSION}\ncompat header {header_sha}\n",
         wheel.package,
         wheel.sha256.join(" "),
-    )
+    ))
 }
 
 /// Whether the files the build needs are all there.
@@ -143,6 +180,7 @@ fn installed(mlx: &Path) -> bool {
     let lib = mlx.join("wheel").join("mlx").join("lib");
     (lib.join("libmlx.so").is_file() || lib.join("libmlx.dylib").is_file())
         && mlx.join("mlx-c").join("CMakeLists.txt").is_file()
+        && mlx_c::built(mlx)
 }
 
 /// Installs the pinned wheel into `.mlx/wheel` (replacing what was there)
@@ -164,44 +202,42 @@ fn install_wheel(mlx: &Path, wheel: &Wheel) -> anyhow::Result<()> {
     )
     .with_context(|| format!("writing {}", requirements.display()))?;
 
-    let python = python()?;
-    run_step(
-        "installing the MLX wheel",
-        Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--no-deps"])
+    run_logged(
+        &format!(
+            "downloading and installing the MLX wheel ({})",
+            wheel.package
+        ),
+        pip()?
+            .args(["install", "--no-deps"])
             .args(["--only-binary=:all:", "--require-hashes", "--target"])
             .arg(&target)
             .arg("-r")
             .arg(&requirements),
+        &log_path("mlx-wheel"),
     )?;
     if wheel.package == MLX_CUDA.package {
-        run_step(
-            "installing the CUDA runtime libraries",
-            Command::new(&python)
-                .args(["-m", "pip", "install", "--quiet", "--no-deps"])
+        run_logged(
+            "downloading and installing the CUDA runtime libraries",
+            pip()?
+                .args(["install", "--no-deps"])
                 .args(["--only-binary=:all:", "--target"])
                 .arg(&target)
                 .args(CUDA_RUNTIME),
+            &log_path("cuda-runtime"),
         )?;
     }
 
     Ok(())
 }
 
-/// The Python that runs pip: `python3`, or `python` where only that exists.
-fn python() -> anyhow::Result<String> {
-    for candidate in ["python3", "python"] {
-        if Command::new(candidate)
-            .args(["-m", "pip", "--version"])
-            .output()
-            .is_ok_and(|out| out.status.success())
-        {
-            return Ok(candidate.to_owned());
-        }
-    }
-    bail!(
-        "no Python with pip found: install python3 and pip (Debian: `apt-get install python3-pip`)"
-    )
+/// `python3 -m pip` with its version check off, after making sure pip is
+/// there (installing it with apt-get where setup can).
+pub fn pip() -> anyhow::Result<Command> {
+    system::ensure(&[system::Need::Pip])?;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip"])
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
+    Ok(cmd)
 }
 
 /// Fetches the crates.io package that carries mlx-c through cargo and copies
@@ -221,9 +257,10 @@ fn install_mlx_c_sources(mlx: &Path) -> anyhow::Result<()> {
     .context("writing the fetch manifest")?;
     fs::write(fetch.join("src").join("lib.rs"), "").context("writing the fetch crate")?;
     let manifest = fetch.join("Cargo.toml");
-    run_step(
-        "fetching the mlx-c sources",
+    run_logged(
+        "fetching the mlx-c sources (cargo)",
         cargo().arg("fetch").arg("--manifest-path").arg(&manifest),
+        &log_path("mlx-c-fetch"),
     )?;
 
     let package = find_registry_package()?;
