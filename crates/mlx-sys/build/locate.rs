@@ -6,14 +6,10 @@ use crate::{BuildError, Env};
 
 /// What the rest of the build needs to know about MLX and mlx-c.
 pub struct Sources {
-    /// The MLX prefix: holds `include/`, `lib/` and `share/cmake/MLX`.
-    pub mlx_dir: PathBuf,
     /// `<mlx_dir>/include`.
     pub mlx_include_dir: PathBuf,
     /// The folder that holds `libmlx`.
     pub mlx_lib_dir: PathBuf,
-    /// The shared library itself.
-    pub mlx_lib: PathBuf,
     /// The mlx-c source tree (with `CMakeLists.txt` and `mlx/c/*.h`).
     pub mlx_c_dir: PathBuf,
     /// The folder that holds the static `libmlxc.a`.
@@ -85,8 +81,6 @@ pub fn find(env: &Env) -> Result<Sources, BuildError> {
         mlx_c_lib_dir,
         mlx_lib_dir: mlx_dir.join("lib"),
         mlx_include_dir,
-        mlx_lib,
-        mlx_dir,
         mlx_c_dir,
     })
 }

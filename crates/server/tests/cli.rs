@@ -1,9 +1,13 @@
 //! The `mlx-batch` binary as a user runs it: one-line errors with a
-//! non-zero exit code, and `generate` streaming a continuation.
+//! non-zero exit code, `generate` streaming a continuation, and log lines
+//! that fit where they go.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
 fn mlx_batch() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mlx-batch"))
@@ -77,4 +81,91 @@ fn generate_prints_a_greedy_continuation_with_the_default_model() {
     let first = run();
     assert!(first.trim().len() > 3, "{first:?}");
     assert_eq!(run(), first, "greedy output is deterministic");
+}
+
+/// The log lines `serve` writes to stderr (a pipe here, not a terminal) up
+/// to and including the one saying it serves, in the given format.
+fn serve_log_until_ready(log_format: &str) -> Option<Vec<String>> {
+    let model = server::cli::default_model_dir();
+    if !model.join("config.json").is_file() {
+        eprintln!(
+            "skipping: no default model at {} (run `cargo xtask setup`)",
+            model.display()
+        );
+        assert!(
+            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
+            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
+        );
+        return None;
+    }
+    let mut child = mlx_batch()
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-format",
+            log_format,
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("serving ");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        lines.last().is_some_and(|l| l.contains("serving ")),
+        "the server never said it serves: {lines:?}"
+    );
+    Some(lines)
+}
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_escape_codes() {
+    let Some(lines) = serve_log_until_ready("text") else {
+        return;
+    };
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "an escape code in {line:?}");
+    }
+    assert!(lines.last().unwrap().contains("INFO"), "{lines:?}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let Some(lines) = serve_log_until_ready("json") else {
+        return;
+    };
+    for line in &lines {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:?}"));
+        assert!(value["timestamp"].is_string(), "{line}");
+        assert!(value["level"].is_string(), "{line}");
+    }
+    let ready: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(ready["level"], "INFO");
+    let message = ready["fields"]["message"].as_str().unwrap();
+    assert!(message.starts_with("serving "), "{message}");
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_by_clap() {
+    let out = mlx_batch()
+        .args(["serve", "--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("--log-format"), "{stderr}");
 }

@@ -65,7 +65,7 @@ pub fn build(root: &Path, mlx: &Path) -> anyhow::Result<()> {
     )?;
     let jobs = std::thread::available_parallelism().map_or(1, usize::from);
     run_logged(
-        "building mlx-c (cmake, a few minutes on 2 cores)",
+        "building mlx-c (cmake)",
         Command::new("cmake").arg("--build").arg(&build_dir).args([
             "--target",
             "mlxc",
