@@ -30,6 +30,7 @@ const FORBIDDEN_IN_CORE: [&str; 7] = [
 /// Sets up what is missing, then runs every check in order and stops at
 /// the first failure.
 pub fn run() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     crate::setup::run(crate::setup::SetupArgs {
         cuda: false,
         references: true,
@@ -102,7 +103,10 @@ pub fn run() -> anyhow::Result<()> {
         ]),
     )?;
     boundary_checks()?;
-    eprintln!("xtask: ci passed");
+    eprintln!(
+        "xtask: ci passed in {}",
+        crate::progress::minutes(started.elapsed())
+    );
     Ok(())
 }
 

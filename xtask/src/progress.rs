@@ -166,6 +166,16 @@ fn cmake_percent(line: &str) -> Option<u64> {
     number.trim().parse().ok()
 }
 
+/// A wall time for a person: `42 s` under a minute, `12 min 5 s` above.
+pub fn minutes(elapsed: std::time::Duration) -> String {
+    let secs = elapsed.as_secs();
+    if secs < 60 {
+        format!("{:.1} s", elapsed.as_secs_f64())
+    } else {
+        format!("{} min {} s", secs / 60, secs % 60)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -200,5 +210,12 @@ mod tests {
         assert!(text.contains("first") && text.contains("second"), "{text}");
         run_logged("a passing step", Command::new("true").arg("x"), &log).unwrap();
         fs::remove_file(&log).unwrap();
+    }
+
+    #[test]
+    fn wall_times_read_in_seconds_then_minutes() {
+        use std::time::Duration;
+        assert_eq!(minutes(Duration::from_millis(42_300)), "42.3 s");
+        assert_eq!(minutes(Duration::from_secs(725)), "12 min 5 s");
     }
 }

@@ -19,12 +19,30 @@ pub struct ServeArgs {
 /// Installs MLX and the default model if needed, then runs the server in
 /// the foreground until it is stopped (Ctrl-C).
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     // Setup ends by making sure the default model exists and returns its
     // folder, so the model is checked once, not twice.
     let model = crate::setup::run(crate::setup::SetupArgs {
         cuda: false,
         references: false,
     })?;
+    // Built as its own step so that the first run can say how long setup
+    // and the build took before the server starts loading.
+    run_step(
+        "build the server",
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "server",
+            "--bin",
+            "mlx-batch",
+        ]),
+    )?;
+    eprintln!(
+        "xtask: setup and build took {}; starting the server",
+        crate::progress::minutes(started.elapsed())
+    );
     run_step(
         "serve",
         cargo()
