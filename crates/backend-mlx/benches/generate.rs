@@ -9,6 +9,11 @@
 //! `MLX_BATCH_BENCH_MODEL` (model folder), `MLX_BATCH_BENCH_DTYPES`
 //! (`f32,native`), `MLX_BATCH_BENCH_BATCHES` (`1,8,32`),
 //! `MLX_BATCH_BENCH_REPORT_ONLY=1` (skip criterion).
+//!
+//! `cargo bench -p backend-mlx --bench generate -- --profile` instead
+//! prints where a step's time goes (see `backend_mlx::profile`), for decode
+//! at batch 1, 8 and 32 and for a 512-token prefill chunk, beside the plain
+//! step time and its ratio to the step's own weight matmuls.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -17,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backend_mlx::{Device, LoadOptions, MlxBackend, ModelDType};
+use backend_mlx::{Device, LoadOptions, MlxBackend, ModelDType, Stage, StepProfile};
 use batching_types::{Backend, KvBlocks, RequestId, SamplingParams, StepItem, StepPlan, WorkKind};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
@@ -170,19 +175,23 @@ impl Decoder {
 }
 
 fn prefill_once(backend: &mut MlxBackend, id: u64) -> Duration {
+    prefill_len(backend, id, PREFILL_PROMPT)
+}
+
+/// Prefills a fresh `len`-token prompt in one chunk and returns the step's
+/// time.
+fn prefill_len(backend: &mut MlxBackend, id: u64, len: usize) -> Duration {
     let id = RequestId(id);
-    let tokens = prompt(id.0, PREFILL_PROMPT);
+    let tokens = prompt(id.0, len);
     backend
         .add_sequence(id, &tokens, &SamplingParams::default())
         .unwrap();
     let plan = StepPlan {
         items: vec![StepItem {
             id,
-            kind: WorkKind::Prefill {
-                len: PREFILL_PROMPT,
-            },
+            kind: WorkKind::Prefill { len },
         }],
-        block_tables: vec![(0..PREFILL_PROMPT.div_ceil(BLOCK_SIZE) as u32).collect()],
+        block_tables: vec![(0..len.div_ceil(BLOCK_SIZE) as u32).collect()],
     };
     let start = Instant::now();
     backend.step(&plan).unwrap();
@@ -195,8 +204,73 @@ fn peak_mib() -> f64 {
     mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
+/// Tokens of the prefill chunk the profile looks at.
+const PROFILE_CHUNK: usize = 512;
+
+/// Prints one profile: each stage's time per step and share, then the
+/// plain (unprofiled) step time against the weight matmuls.
+fn print_profile(label: &str, plain: Duration, profile: &StepProfile) {
+    let steps = f64::from(profile.steps.max(1));
+    let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps;
+    let total = per_step(profile.total());
+    println!("PROFILE {label}: {steps} profiled steps");
+    println!("| stage | ms/step | share |");
+    println!("|---|---:|---:|");
+    for stage in Stage::ALL {
+        let ms = per_step(profile.time(stage));
+        println!(
+            "| {} | {ms:.2} | {:.1}% |",
+            stage.name(),
+            100.0 * ms / total.max(1e-9)
+        );
+    }
+    let matmul = per_step(profile.matmul());
+    let plain = plain.as_secs_f64() * 1e3;
+    println!(
+        "| profiled total | {total:.2} | |\n\nPROFILE {label}: plain step {plain:.2} ms, its weight matmuls {matmul:.2} ms, step/matmuls {:.2}x\n",
+        plain / matmul.max(1e-9)
+    );
+}
+
+/// `--profile`: where the time of a decode step (batch 1, 8, 32) and of a
+/// prefill chunk goes, on f32 weights (the CPU default).
+fn profile(dir: &PathBuf) {
+    for batch in env_list("MLX_BATCH_BENCH_BATCHES", "1,8,32") {
+        let batch: usize = batch.parse().unwrap();
+        let mut decoder = Decoder::new(dir, ModelDType::F32, batch);
+        decoder.decode(3);
+        let steps = if batch >= 32 { 12 } else { 20 };
+        let plain = decoder.decode(steps) / steps as u32;
+        decoder.backend.set_profiling(true);
+        decoder.decode(steps);
+        decoder.backend.set_profiling(false);
+        let profile = decoder.backend.take_profile();
+        print_profile(&format!("decode batch={batch}"), plain, &profile);
+    }
+    let mut backend = load(dir, ModelDType::F32, 1);
+    let mut next = 3_000_000;
+    let mut run = |backend: &mut MlxBackend| {
+        next += 1;
+        prefill_len(backend, next, PROFILE_CHUNK)
+    };
+    run(&mut backend);
+    let runs = 3;
+    let plain = (0..runs).map(|_| run(&mut backend)).sum::<Duration>() / runs;
+    backend.set_profiling(true);
+    for _ in 0..runs {
+        run(&mut backend);
+    }
+    backend.set_profiling(false);
+    let profile = backend.take_profile();
+    print_profile(&format!("prefill chunk={PROFILE_CHUNK}"), plain, &profile);
+}
+
 fn main() {
     let Some(dir) = model_dir() else { return };
+    if std::env::args().any(|a| a == "--profile") {
+        profile(&dir);
+        return;
+    }
     let report_only = std::env::var_os("MLX_BATCH_BENCH_REPORT_ONLY").is_some();
     let mut criterion = Criterion::default()
         .sample_size(10)

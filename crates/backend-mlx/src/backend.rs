@@ -23,6 +23,7 @@ use crate::{
     error::BackendError,
     kv_pool::KvPool,
     model::{llama::Decode, Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
+    profile::{Profiler, Stage, StepProfile},
     sampling, Device,
 };
 
@@ -108,6 +109,7 @@ pub struct MlxBackend {
     /// The last step's logits (`[samples, vocab]`, f32, evaluated) and the
     /// row of each sequence that sampled, kept for inspection and tests.
     last_logits: Option<(mlx_rs::Array, HashMap<RequestId, usize>)>,
+    profiler: Profiler,
 }
 
 impl std::fmt::Debug for MlxBackend {
@@ -138,7 +140,13 @@ impl MlxBackend {
         let info = ModelInfo::from_config(dir, &config);
         let dtype = options.resolved_dtype();
         let store = crate::model::weights::WeightStore::open(dir, dtype)?;
-        let model = LlamaModel::load(config, &store, dtype)?;
+        // The compiled CPU kernels are only worth it when MLX's JIT builds
+        // them for this machine; enable that before anything compiles.
+        let fused = device == Device::Cpu;
+        if fused {
+            crate::jit::enable();
+        }
+        let model = LlamaModel::load(config, &store, dtype, fused)?;
         drop(store);
         let layout = model.kv_layout();
         let kv_dtype = model.dtype();
@@ -184,6 +192,7 @@ impl MlxBackend {
             capacity,
             info,
             last_logits: None,
+            profiler: Profiler::default(),
         })
     }
 
@@ -219,6 +228,17 @@ impl MlxBackend {
     /// Bytes of one KV block over all layers (0 before `configure_kv`).
     pub fn kv_block_bytes(&self) -> usize {
         self.pool.block_bytes()
+    }
+
+    /// Turns step profiling on or off (see [`crate::profile`]): while on,
+    /// every step evaluates stage by stage and records where its time went.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.set_enabled(on);
+    }
+
+    /// The time per stage of the steps profiled since the last call.
+    pub fn take_profile(&mut self) -> StepProfile {
+        self.profiler.take()
     }
 
     /// Registered sequences.
@@ -398,6 +418,7 @@ impl Backend for MlxBackend {
     }
 
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, Self::Error> {
+        self.profiler.begin();
         let mut batch = StepBatch::default();
         let mut chunk_tokens = Vec::new();
         let mut chunk_samples = Vec::new();
@@ -426,7 +447,9 @@ impl Backend for MlxBackend {
         }
 
         self.last_logits = None;
-        let logits = self.model.forward(&batch, &mut self.pool)?;
+        let logits = self
+            .model
+            .forward_profiled(&batch, &mut self.pool, &mut self.profiler)?;
         match &logits {
             Some(l) => mlx_rs::transforms::eval([l])?,
             None => mlx_rs::transforms::eval(self.pool.all_arrays())?,
@@ -471,6 +494,8 @@ impl Backend for MlxBackend {
             });
         }
         self.last_logits = logits.map(|l| (l, rows));
+        self.profiler.host(Stage::Sample);
+        self.profiler.end();
         Ok(StepOutput { results })
     }
 

@@ -8,21 +8,26 @@
 //! pool, then all decodes attend together over their gathered blocks with
 //! a mask, and each prefill chunk attends over its own blocks with a causal
 //! mask. The gather is transient: it lives for one layer of one step.
+//!
+//! On a GPU the norms, RoPE and attention are MLX's `fast` kernels. On the
+//! CPU, where those fall back to long chains of primitive ops, they are the
+//! compiled functions of [`Fused`] and the attention of
+//! [`super::attention`]: see those modules for why.
 
-use mlx_rs::{
-    fast::{self, ScaledDotProductAttentionMask},
-    ops::{self, indexing::IndexOp},
-    Array, Dtype,
-};
+use mlx_rs::{fast, ops, ops::indexing::IndexOp, Array, Dtype};
 
 use super::{
-    config::{ModelConfig, RopeScaling},
+    attention::{AttentionPlan, Heads},
+    config::ModelConfig,
+    fused::Fused,
     linear::{split_last, Embedding, Linear},
+    rope::Rope,
     weights::{ModelDType, WeightStore},
 };
 use crate::{
     error::BackendError,
     kv_pool::{KvLayout, KvPool},
+    profile::{Profiler, Stage},
 };
 
 type MlxResult<T> = mlx_rs::error::Result<T>;
@@ -47,8 +52,9 @@ pub struct LlamaModel {
     norm: Array,
     /// `None` when the output projection is the (tied) embedding.
     lm_head: Option<Linear>,
-    rope_freqs: Option<Array>,
-    rope_scale: f32,
+    rope: Rope,
+    /// The compiled CPU kernels; `None` runs MLX's `fast` ones (GPU).
+    fused: Option<Fused>,
     dtype: Dtype,
 }
 
@@ -93,6 +99,7 @@ impl LlamaModel {
         config: ModelConfig,
         store: &WeightStore,
         dtype: ModelDType,
+        fused: bool,
     ) -> Result<Self, BackendError> {
         let c = &config;
         let hidden = c.hidden_size as i32;
@@ -147,7 +154,8 @@ impl LlamaModel {
         } else {
             Some(store.linear(c, "lm_head", hidden, c.vocab_size as i32, false)?)
         };
-        let (rope_freqs, rope_scale) = rope_setup(c);
+        let rope = Rope::new(c);
+        let fused = fused.then(|| Fused::new(c.rms_norm_eps));
         // Activations follow MLX's type promotion through embedding, norm
         // and projection; with weights as stored this is what mlx-lm gets
         // (for an f16-scaled 4-bit model with f32 norms: f32).
@@ -164,8 +172,8 @@ impl LlamaModel {
             blocks,
             norm,
             lm_head,
-            rope_freqs,
-            rope_scale,
+            rope,
+            fused,
         };
         let _ = dtype;
         model.eval_weights().map_err(mlx)?;
@@ -212,6 +220,16 @@ impl LlamaModel {
     /// `pool` and returns the logits (`[sample_at.len(), vocab]`, f32) of
     /// the requested tokens, unevaluated. The caller evaluates once per step.
     pub fn forward(&self, batch: &StepBatch<'_>, pool: &mut KvPool) -> MlxResult<Option<Array>> {
+        self.forward_profiled(batch, pool, &mut Profiler::default())
+    }
+
+    /// [`LlamaModel::forward`], marking each stage on `prof`.
+    pub(crate) fn forward_profiled(
+        &self,
+        batch: &StepBatch<'_>,
+        pool: &mut KvPool,
+        prof: &mut Profiler,
+    ) -> MlxResult<Option<Array>> {
         let c = &self.config;
         let t = batch.tokens.len();
         if t == 0 {
@@ -223,9 +241,14 @@ impl LlamaModel {
             ));
         };
         let bs = blocks.block_size;
-        let (heads, kv_heads, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
-        let rep = heads / kv_heads;
-        let n_dec = batch.decodes.len();
+        let h = Heads {
+            heads: c.num_heads as i32,
+            kv_heads: c.num_kv_heads as i32,
+            head_dim: c.head_dim as i32,
+            scale: (c.head_dim as f32).powf(-0.5),
+        };
+        let (heads, kv_heads, hd) = (h.heads, h.kv_heads, h.head_dim);
+        let fused = self.fused.as_ref();
 
         // Position and pool row of every token, in `tokens` order.
         let mut positions = Vec::with_capacity(t);
@@ -251,22 +274,32 @@ impl LlamaModel {
                 place(chunk.table, chunk.position + i)?;
             }
         }
+        prof.host(Stage::Plan);
         pool.ensure(top_block)?;
+        prof.host(Stage::KvGrow);
         let slots = Array::from_slice(&slots, &[t as i32]);
-        let offsets = Array::from_slice(&positions, &[t as i32]);
-        let gather = GatherPlan::new(batch, bs, self.dtype)?;
+        let angles = self.rope.angles(&positions, self.dtype, fused.is_some())?;
+        let attention = AttentionPlan::new(batch, bs, self.dtype, h, fused.is_some())?;
 
         let ids = Array::from_slice(&batch.tokens, &[t as i32]);
+        prof.host(Stage::Plan);
         let mut h = self.embed.lookup(&ids)?;
-        let scale = (c.head_dim as f32).powf(-0.5);
+        prof.mark(Stage::Embed, &[&h])?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let x = fast::rms_norm(&h, Some(&block.input_norm), c.rms_norm_eps)?;
+            let x = self.rms_norm(&h, &block.input_norm)?;
+            prof.mark(Stage::Norm, &[&x])?;
             let qkv = block.qkv.forward(&x)?;
-            let parts = split_last(&qkv, &[heads * hd, kv_heads * hd, kv_heads * hd]);
-            let q = self.rope(&parts[0].reshape(&[t as i32, heads, 1, hd])?, &offsets)?;
-            let k = self.rope(&parts[1].reshape(&[t as i32, kv_heads, 1, hd])?, &offsets)?;
-            let k = k.reshape(&[t as i32, 1, kv_heads * hd])?;
-            let v = parts[2].reshape(&[t as i32, 1, kv_heads * hd])?;
+            prof.mark(Stage::Projection, &[&qkv])?;
+            // Queries and keys rotate together: [t, heads + kv_heads, hd].
+            let parts = split_last(&qkv, &[(heads + kv_heads) * hd, kv_heads * hd]);
+            let qk = parts[0].reshape(&[t as i32, heads + kv_heads, hd])?;
+            let qk = self.rope.apply(&qk, &angles, fused)?;
+            let q = qk.index((.., 0..heads));
+            let k =
+                qk.index((.., heads..heads + kv_heads))
+                    .reshape(&[t as i32, 1, kv_heads * hd])?;
+            let v = parts[1].reshape(&[t as i32, 1, kv_heads * hd])?;
+            prof.mark(Stage::Rope, &[&q, &k, &v])?;
 
             let Some((old_k, old_v)) = pool.layer(layer).cloned() else {
                 return Err(mlx_rs::error::Exception::custom("KV pool not allocated"));
@@ -275,74 +308,55 @@ impl LlamaModel {
             let values = ops::indexing::scatter_single(&old_v, &slots, &v, 0)?;
             drop((old_k, old_v));
             pool.set_layer(layer, keys.clone(), values.clone());
+            prof.mark(Stage::KvWrite, &[&keys, &values])?;
 
             let mut outs: Vec<Array> = Vec::with_capacity(1 + batch.chunks.len());
-            if let Some(plan) = &gather.decode {
-                // The `rep` query heads that share a KV head ride in the
-                // query-length axis: one small matmul per KV head instead
-                // of one per query head.
-                let q_dec = q
-                    .index(0..n_dec as i32)
-                    .reshape(&[n_dec as i32, kv_heads, rep, hd])?;
-                let kk = plan.gather(&keys, kv_heads, hd)?;
-                let vv = plan.gather(&values, kv_heads, hd)?;
-                let o = fast::scaled_dot_product_attention(
-                    &q_dec,
-                    &kk,
-                    &vv,
-                    scale,
-                    ScaledDotProductAttentionMask::Array(&plan.mask),
-                    None,
-                )?;
-                outs.push(o.reshape(&[n_dec as i32, heads * hd])?);
+            if let Some(o) = attention.decode(&q, &keys, &values, fused, prof)? {
+                outs.push(o);
             }
-            for (chunk, plan) in batch.chunks.iter().zip(&gather.chunks) {
+            for (i, chunk) in batch.chunks.iter().enumerate() {
                 let (s, n) = (chunk.start as i32, chunk.len as i32);
-                let qc = q
-                    .index(s..s + n)
-                    .reshape(&[n, heads, hd])?
-                    .transpose_axes(&[1, 0, 2])?
-                    .reshape(&[1, heads, n, hd])?;
-                let kk = plan.gather(&keys, kv_heads, hd)?;
-                let vv = plan.gather(&values, kv_heads, hd)?;
-                let o = fast::scaled_dot_product_attention(
-                    &qc,
-                    &kk,
-                    &vv,
-                    scale,
-                    ScaledDotProductAttentionMask::Causal,
-                    None,
-                )?;
-                outs.push(
-                    o.reshape(&[heads, n, hd])?
-                        .transpose_axes(&[1, 0, 2])?
-                        .reshape(&[n, heads * hd])?,
-                );
+                outs.push(attention.chunk(i, &q.index(s..s + n), &keys, &values, fused, prof)?);
             }
             let attn = if outs.len() == 1 {
                 outs.pop().unwrap_or_else(|| Array::from_int(0))
             } else {
                 ops::concatenate(&outs, 0)?
             };
-            h = h.add(block.o.forward(&attn)?)?;
+            prof.mark(Stage::Attention, &[&attn])?;
+            let o = block.o.forward(&attn)?;
+            prof.mark(Stage::Projection, &[&o])?;
+            h = h.add(o)?;
+            prof.mark(Stage::Elementwise, &[&h])?;
 
-            let x = fast::rms_norm(&h, Some(&block.post_attention_norm), c.rms_norm_eps)?;
+            let x = self.rms_norm(&h, &block.post_attention_norm)?;
+            prof.mark(Stage::Norm, &[&x])?;
             let gu = block.gate_up.forward(&x)?;
+            prof.mark(Stage::Projection, &[&gu])?;
             let inter = c.intermediate_size as i32;
             let gu = split_last(&gu, &[inter, inter]);
-            let act = mlx_rs::nn::silu(&gu[0])?.multiply(&gu[1])?;
-            h = h.add(block.down.forward(&act)?)?;
+            let act = match fused {
+                Some(f) => f.silu_mul(&gu[0], &gu[1])?,
+                None => mlx_rs::nn::silu(&gu[0])?.multiply(&gu[1])?,
+            };
+            prof.mark(Stage::Elementwise, &[&act])?;
+            let down = block.down.forward(&act)?;
+            prof.mark(Stage::Projection, &[&down])?;
+            h = h.add(down)?;
+            prof.mark(Stage::Elementwise, &[&h])?;
         }
         if batch.sample_at.is_empty() {
             return Ok(None);
         }
         let at: Vec<i32> = batch.sample_at.iter().map(|&i| i as i32).collect();
         let last = h.take_axis(Array::from_slice(&at, &[at.len() as i32]), 0)?;
-        let x = fast::rms_norm(&last, Some(&self.norm), c.rms_norm_eps)?;
+        let x = self.rms_norm(&last, &self.norm)?;
+        prof.mark(Stage::Norm, &[&x])?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
             None => self.embed.as_linear(&x)?,
         };
+        prof.mark(Stage::LmHead, &[&logits])?;
         let logits = if logits.dtype() == Dtype::Float32 {
             logits
         } else {
@@ -351,22 +365,11 @@ impl LlamaModel {
         Ok(Some(logits))
     }
 
-    fn rope(&self, x: &Array, offsets: &Array) -> MlxResult<Array> {
-        let c = &self.config;
-        let base = if self.rope_freqs.is_some() {
-            None
-        } else {
-            Some(c.rope_theta)
-        };
-        fast::rope_dynamic(
-            x,
-            c.head_dim as i32,
-            c.rope_traditional,
-            base,
-            self.rope_scale,
-            offsets,
-            self.rope_freqs.as_ref(),
-        )
+    fn rms_norm(&self, x: &Array, w: &Array) -> MlxResult<Array> {
+        match &self.fused {
+            Some(f) => f.rms_norm(x, w),
+            None => fast::rms_norm(x, Some(w), self.config.rms_norm_eps),
+        }
     }
 }
 
@@ -386,154 +389,6 @@ fn push_linear<'a>(l: &'a Linear, all: &mut Vec<&'a Array>) {
         } => {
             all.extend([weight, scales, biases]);
             all.extend(bias.iter());
-        }
-    }
-}
-
-/// Which pool blocks one attention call reads, built once per step and
-/// shared by every layer.
-struct BlockGather {
-    /// Block ids, `[rows * blocks]`; a row's blocks past its length are
-    /// block 0 (masked for decodes, cut for chunks).
-    ids: Array,
-    /// Rows (sequences) in the gather.
-    rows: i32,
-    /// Blocks gathered per row.
-    blocks: i32,
-    /// Tokens per block.
-    block_size: i32,
-    /// Tokens attended per row, when less than `blocks * block_size`
-    /// (chunks only; decodes mask instead).
-    keep: Option<i32>,
-}
-
-impl BlockGather {
-    fn new(rows: &[(&[u32], usize)], bs: usize, keep: Option<usize>) -> Self {
-        let blocks = rows
-            .iter()
-            .map(|&(_, len)| len.div_ceil(bs))
-            .max()
-            .unwrap_or(1);
-        let mut ids = Vec::with_capacity(rows.len() * blocks);
-        for &(table, len) in rows {
-            let used = len.div_ceil(bs);
-            ids.extend(table.iter().take(used).map(|&b| b as i32));
-            ids.resize(ids.len() + blocks - used.min(table.len()), 0);
-        }
-        Self {
-            ids: Array::from_slice(&ids, &[ids.len() as i32]),
-            rows: rows.len() as i32,
-            blocks: blocks as i32,
-            block_size: bs as i32,
-            keep: keep.map(|k| k as i32),
-        }
-    }
-
-    /// The keys or values of these blocks, `[rows, kv_heads, tokens,
-    /// head_dim]`: whole blocks of the pool's rows, taken at once.
-    fn gather(&self, pool: &Array, kv_heads: i32, hd: i32) -> MlxResult<Array> {
-        let blocks = pool.reshape(&[-1, self.block_size * kv_heads * hd])?;
-        let span = self.blocks * self.block_size;
-        let g = blocks
-            .take_axis(&self.ids, 0)?
-            .reshape(&[self.rows, span, kv_heads, hd])?;
-        let g = match self.keep {
-            Some(keep) if keep < span => g.index((.., 0..keep)),
-            _ => g,
-        };
-        g.transpose_axes(&[0, 2, 1, 3])
-    }
-}
-
-/// Decode attention: the blocks and an additive mask `[rows, 1, 1, span]`
-/// that hides what lies past each sequence's own length.
-struct DecodeGather {
-    gather: BlockGather,
-    mask: Array,
-}
-
-impl std::ops::Deref for DecodeGather {
-    type Target = BlockGather;
-    fn deref(&self) -> &BlockGather {
-        &self.gather
-    }
-}
-
-/// What attention reads in one step.
-struct GatherPlan {
-    decode: Option<DecodeGather>,
-    chunks: Vec<BlockGather>,
-}
-
-impl GatherPlan {
-    fn new(batch: &StepBatch<'_>, bs: usize, dtype: Dtype) -> MlxResult<Self> {
-        let decode = if batch.decodes.is_empty() {
-            None
-        } else {
-            let rows: Vec<(&[u32], usize)> = batch
-                .decodes
-                .iter()
-                .map(|d| (d.table, d.position + 1))
-                .collect();
-            let gather = BlockGather::new(&rows, bs, None);
-            let span = (gather.blocks * gather.block_size) as usize;
-            let mut mask = vec![f32::NEG_INFINITY; rows.len() * span];
-            for (r, &(_, len)) in rows.iter().enumerate() {
-                mask[r * span..r * span + len].fill(0.0);
-            }
-            let mask = Array::from_slice(&mask, &[rows.len() as i32, 1, 1, span as i32]);
-            let mask = if dtype == Dtype::Float32 {
-                mask
-            } else {
-                mask.as_dtype(dtype)?
-            };
-            Some(DecodeGather { gather, mask })
-        };
-        let chunks = batch
-            .chunks
-            .iter()
-            .map(|chunk| {
-                let end = chunk.position + chunk.len;
-                BlockGather::new(&[(chunk.table, end)], bs, Some(end))
-            })
-            .collect();
-        Ok(Self { decode, chunks })
-    }
-}
-
-/// RoPE frequencies for scaled variants (`None` for plain RoPE, which uses
-/// the base) and the position scale.
-fn rope_setup(c: &ModelConfig) -> (Option<Array>, f32) {
-    match c.rope_scaling {
-        RopeScaling::None => (None, 1.0),
-        RopeScaling::Linear { factor } => (None, 1.0 / factor),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings: old,
-        } => {
-            // The same formula as mlx-lm's Llama3RoPE, in f32.
-            let dims = c.head_dim;
-            let low_wavelen = old / low_freq_factor;
-            let high_wavelen = old / high_freq_factor;
-            let freqs: Vec<f32> = (0..dims)
-                .step_by(2)
-                .map(|i| {
-                    let f = c.rope_theta.powf(i as f32 / dims as f32);
-                    let wavelen = 2.0 * std::f32::consts::PI * f;
-                    let scaled = if wavelen > low_wavelen { f * factor } else { f };
-                    if wavelen > high_wavelen && wavelen < low_wavelen {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        scaled / ((1.0 - smooth) / factor + smooth)
-                    } else {
-                        scaled
-                    }
-                })
-                .collect();
-            let n = freqs.len() as i32;
-            (Some(Array::from_slice(&freqs, &[n])), 1.0)
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The model: configuration, weights and the Llama-family forward pass.
 
+pub(crate) mod attention;
 pub mod config;
+pub(crate) mod fused;
 pub(crate) mod linear;
 pub mod llama;
+pub(crate) mod rope;
 pub(crate) mod weights;
 
 pub use config::{ModelConfig, ModelInfo, QuantSpec, RopeScaling};
