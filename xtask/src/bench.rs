@@ -1,12 +1,16 @@
 //! `cargo xtask bench [--quick]`: mlx-batch side by side with its peers.
 //!
-//! Each server (mlx-batch, Python `mlx-lm`, llama.cpp through
-//! `llama-cpp-python`) is started alone on a loopback port with the same
-//! model, waited on until `/v1/models` answers, measured with the `loadgen`
-//! crate on the same seeded workloads, and killed before the next one starts,
-//! so no two servers ever share the two cores. A server that cannot be
-//! installed or started is reported as not run rather than failing the whole
-//! comparison, because the point is a table of whatever can be measured.
+//! Each server (mlx-batch, mlx-lm's batching server, llama.cpp's
+//! `llama-server` with `--parallel`; see [`peers`]) is started alone on a
+//! loopback port with the same model, waited on until `/v1/models` answers,
+//! measured with the `loadgen` crate on the same seeded workloads, and
+//! killed before the next one starts, so no two servers ever share the
+//! cores. A server that cannot be installed or started is reported as not
+//! run rather than failing the whole comparison, because the point is a
+//! table of whatever can be measured. The machine's f32 GEMM speed and
+//! memory bandwidth are measured first and printed with the results: the
+//! same machine has given anything from 30 to 460 GFLOP/s from one day to
+//! the next, so only ratios within one run mean anything.
 //!
 //! The environment sets `OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE`, which
 //! halve OpenBLAS GEMM speed here; every server started by this command has
@@ -27,6 +31,7 @@ use loadgen::{BenchArgs as LoadArgs, ChartSeries, LengthSpec, RunSummary};
 use crate::util::{cargo, run as run_step, workspace_root};
 
 mod conversation;
+mod peers;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
@@ -34,8 +39,8 @@ pub struct BenchArgs {
     /// A small version: fewer requests, lower concurrency, short prompts only.
     #[arg(long)]
     quick: bool,
-    /// Servers to measure, comma-separated, from `mlx-batch,mlx-lm,llama-cpp`.
-    #[arg(long, default_value = "mlx-batch,mlx-lm,llama-cpp")]
+    /// Servers to measure, comma-separated, from `mlx-batch,mlx-lm,llama-server`.
+    #[arg(long, default_value = "mlx-batch,mlx-lm,llama-server")]
     servers: String,
     /// Where the table and the chart go (default `docs/benchmarks`, or
     /// `bench-results/quick` with `--quick`).
@@ -70,7 +75,7 @@ impl Server {
         match self {
             Self::MlxBatch => "mlx-batch",
             Self::MlxLm => "mlx-lm",
-            Self::LlamaCpp => "llama-cpp",
+            Self::LlamaCpp => "llama-server",
         }
     }
 
@@ -78,7 +83,9 @@ impl Server {
         [Self::MlxBatch, Self::MlxLm, Self::LlamaCpp]
             .into_iter()
             .find(|v| v.name() == s.trim())
-            .with_context(|| format!("unknown server {s:?}: want mlx-batch, mlx-lm or llama-cpp"))
+            .with_context(|| {
+                format!("unknown server {s:?}: want mlx-batch, mlx-lm or llama-server")
+            })
     }
 }
 
@@ -99,6 +106,8 @@ struct Plan {
     probe_concurrency: usize,
     probe_count: usize,
     probe_interval_ms: u64,
+    /// Words in the prompt of the prefill row (one long prompt, alone).
+    prefill_prompt: u32,
 }
 
 impl Plan {
@@ -116,10 +125,11 @@ impl Plan {
                 probe_concurrency: 8,
                 probe_count: 2,
                 probe_interval_ms: 1500,
+                prefill_prompt: 512,
             }
         } else {
             Self {
-                max_tokens: 64,
+                max_tokens: 128,
                 workloads: vec![
                     Workload {
                         name: "short",
@@ -137,12 +147,24 @@ impl Plan {
                 probe_concurrency: 32,
                 probe_count: 4,
                 probe_interval_ms: 3000,
+                prefill_prompt: 2000,
             }
         }
     }
 
     fn requests(&self, concurrency: usize) -> usize {
         (self.per_stream * concurrency).max(self.min_requests)
+    }
+
+    /// The highest concurrency of any level: llama-server needs a slot
+    /// (`--parallel`) for each.
+    fn max_concurrency(&self) -> usize {
+        self.workloads
+            .iter()
+            .flat_map(|w| w.levels.iter().copied())
+            .chain([self.probe_concurrency])
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -152,6 +174,10 @@ struct Measured {
     by_workload: BTreeMap<&'static str, Vec<RunSummary>>,
     /// The HIGH-priority probe level.
     probe: Option<RunSummary>,
+    /// One long prompt alone: its time to first token.
+    prefill: Option<RunSummary>,
+    /// The prompt tokens the server reported for that prompt, on average.
+    prefill_prompt_tokens: Option<f64>,
     /// The same HIGH requests one at a time on the idle server: the TTFT
     /// the probe's is compared with.
     idle_high: Option<RunSummary>,
@@ -236,7 +262,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut measured: BTreeMap<Server, Measured> = BTreeMap::new();
     let mut skipped: Vec<(Server, String)> = Vec::new();
     for server in servers {
-        let started = prepare(server, &root, &model_dir, &args)
+        let started = prepare(server, &root, &model_dir, &args, plan.max_concurrency())
             .and_then(|cmd| start(server, cmd, &raw_dir, args.port));
         let running = match started {
             Ok(r) => r,
@@ -300,70 +326,10 @@ fn find_gguf(root: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no .gguf in {}: run `cargo xtask setup`", dir.display()))
 }
 
-/// Whether a Python package is importable from `dir`.
-fn has_package(dir: &Path, package: &str) -> bool {
-    dir.join(package).join("__init__.py").is_file()
-}
-
-/// What `pip install` builds and where.
-struct PipInstall<'a> {
-    /// The target folder.
-    dir: &'a Path,
-    /// The package that shows it is installed.
-    package: &'a str,
-    /// Requirement specifiers.
-    requirements: &'a [&'a str],
-    /// `CMAKE_ARGS` for a package built from source with CMake.
-    cmake_args: Option<String>,
-}
-
-/// The CMake options llama.cpp is built with on x86-64 unless `CMAKE_ARGS`
-/// is set.
-///
-/// The native build turns on llama.cpp's AMX kernels wherever the CPU
-/// advertises AMX; on the machine these figures come from (a VM whose
-/// kernel grants AMX permission) those kernels die with SIGILL at their first
-/// `tilezero`. Every other native instruction set (AVX-512 included) stays
-/// on. Set `CMAKE_ARGS` to build llama.cpp another way.
-const LLAMACPP_CMAKE_ARGS: &str = "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
-     -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'";
-
-/// Installs `install.requirements` with `pip install --target` unless
-/// `install.package` is already there.
-fn ensure_pip(install: &PipInstall<'_>, no_install: bool) -> anyhow::Result<()> {
-    let PipInstall {
-        dir,
-        package,
-        requirements,
-        ..
-    } = *install;
-    if has_package(dir, package) {
-        return Ok(());
-    }
-    if no_install {
-        bail!(
-            "{package} is not installed in {} (--no-install)",
-            dir.display()
-        );
-    }
-    let mut cmd = Command::new("python3");
-    // No wheel cache: a cached wheel would ignore `CMAKE_ARGS`.
-    cmd.args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-cache-dir",
-        "--target",
-    ])
-    .arg(dir)
-    .args(requirements)
-    .env("CMAKE_BUILD_PARALLEL_LEVEL", "2");
-    if let Some(cmake_args) = &install.cmake_args {
-        cmd.env("CMAKE_ARGS", cmake_args);
-    }
-    run_step(&format!("installing {package}"), &mut cmd)
-}
+/// Context tokens each llama-server slot gets: the prefill row's prompt
+/// (about 2,000 words, a little more in tokens with the chat template) plus
+/// the answer.
+const LLAMA_SLOT_CONTEXT: usize = 2560;
 
 /// Builds or installs what `server` needs and returns its command line.
 fn prepare(
@@ -371,6 +337,7 @@ fn prepare(
     root: &Path,
     model_dir: &Path,
     args: &BenchArgs,
+    slots: usize,
 ) -> anyhow::Result<Command> {
     let port = args.port.to_string();
     let mut cmd = match server {
@@ -400,45 +367,32 @@ fn prepare(
         }
         Server::MlxLm => {
             ensure_mlx_lm(root, args.no_install)?;
+            let model = peers::mlx_lm_model(root, model_dir, peers::mlx_has_gpu(root))?;
+            // Its own folder for MLX's JIT kernel cache, which MLX keys by
+            // name only: mlx-lm gets the kernels its own build makes.
+            let tmp = root.join(".mlx").join("mlx-lm-tmp");
+            fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let mut cmd = mlx_python(root);
             cmd.args(["-m", "mlx_lm.server", "--model"])
-                .arg(model_dir)
-                .args(["--host", "127.0.0.1", "--port", &port]);
+                .arg(model)
+                .args(["--host", "127.0.0.1", "--port", &port])
+                .env("TMPDIR", tmp);
             cmd
         }
         Server::LlamaCpp => {
-            let dir = root.join(".mlx").join("llamacpp");
-            ensure_pip(
-                &PipInstall {
-                    dir: &dir,
-                    package: "llama_cpp",
-                    requirements: &["llama-cpp-python[server]==0.3.36"],
-                    // The AMX flags exist only on x86-64 compilers.
-                    cmake_args: std::env::var("CMAKE_ARGS").ok().or_else(|| {
-                        cfg!(target_arch = "x86_64").then(|| LLAMACPP_CMAKE_ARGS.to_owned())
-                    }),
-                },
-                args.no_install,
-            )?;
+            let bin = peers::ensure_llama_server(root, args.no_install)?;
             let gguf = find_gguf(root)?;
-            let mut cmd = Command::new("python3");
-            cmd.args(["-m", "llama_cpp.server", "--model"])
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let slots = slots.max(1);
+            let mut cmd = Command::new(bin);
+            cmd.arg("-m")
                 .arg(gguf)
-                .args([
-                    "--n_threads",
-                    "2",
-                    "--n_ctx",
-                    "4096",
-                    // By default a new request cuts off the one being
-                    // served; queue them instead, as a server should.
-                    "--interrupt_requests",
-                    "False",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port,
-                ])
-                .env("PYTHONPATH", &dir);
+                .args(["-t", &threads.to_string()])
+                // One slot per concurrent request, each with room for the
+                // longest prompt: `-c` is split across the slots.
+                .args(["--parallel", &slots.to_string()])
+                .args(["-c", &(slots * LLAMA_SLOT_CONTEXT).to_string()])
+                .args(["--host", "127.0.0.1", "--port", &port]);
             cmd
         }
     };
@@ -616,9 +570,31 @@ async fn measure(
     report.write_json(&raw_dir.join(format!("{}-probe.json", server.name())))?;
     let summary = report.summary();
     println!("{}", loadgen::render_table(&summary));
+    // Last, so that no earlier level's prompts are in any server's cache: a
+    // seed of its own makes these prompts new to the server.
+    let long = LoadArgs {
+        concurrency: Some("1".to_owned()),
+        requests: 2,
+        prompt_tokens: LengthSpec::fixed(plan.prefill_prompt),
+        max_tokens: LengthSpec::fixed(2),
+        seed: 1_000_003,
+        ..base_args.clone()
+    };
+    let prefill_report = loadgen::run_report(&long, &format!("{} prefill", server.name())).await?;
+    prefill_report.write_json(&raw_dir.join(format!("{}-prefill.json", server.name())))?;
+    let counts: Vec<f64> = prefill_report
+        .levels
+        .iter()
+        .flat_map(|l| &l.records)
+        .filter_map(|r| r.usage_prompt_tokens.map(f64::from))
+        .collect();
+    let prefill_prompt_tokens =
+        (!counts.is_empty()).then(|| counts.iter().sum::<f64>() / counts.len() as f64);
     Ok(Measured {
         by_workload,
         probe: summary.runs.into_iter().next(),
+        prefill: prefill_report.summary().runs.into_iter().next(),
+        prefill_prompt_tokens,
         idle_high,
         load_before,
     })
@@ -636,22 +612,30 @@ fn ratio(ours: Option<f64>, peer: Option<f64>) -> String {
 }
 
 /// Times a 2048x2048 f32 matmul through MLX and OpenBLAS, the operation
-/// that bounds mlx-batch and mlx-lm on a CPU, so that a reader can compare
-/// runs made on different days: the same machine has given anything from
-/// about 30 to about 460 GFLOP/s. `None` when Python MLX is not installed.
-fn gemm_gflops(root: &Path) -> Option<f64> {
-    const PROBE: &str = "import mlx.core as mx, time\n\
+/// that bounds mlx-batch and mlx-lm on a CPU, and the memory's read
+/// bandwidth (a sum over 256 MiB of f32 on one thread, as numpy does it,
+/// which streams as fast as one core can read). `None` when Python MLX is
+/// not installed.
+fn machine_probe(root: &Path) -> Option<(f64, f64)> {
+    const PROBE: &str = "import mlx.core as mx, numpy as np, time\n\
         a = mx.random.normal((2048, 2048)); b = mx.random.normal((2048, 2048)); mx.eval(a, b)\n\
         for _ in range(3): mx.eval(a @ b)\n\
         t = time.perf_counter()\n\
         for _ in range(10): mx.eval(a @ b)\n\
-        print(2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9)\n";
+        gemm = 2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9\n\
+        x = np.ones(64 * 1024 * 1024, dtype=np.float32); x.sum()\n\
+        t = time.perf_counter()\n\
+        for _ in range(5): x.sum()\n\
+        bw = x.nbytes * 5 / (time.perf_counter() - t) / 1e9\n\
+        print(gemm, bw)\n";
     let out = mlx_python(root)
         .args(["-c", PROBE])
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    let text = String::from_utf8(out.stdout).ok()?;
+    let mut numbers = text.split_whitespace().filter_map(|w| w.parse().ok());
+    Some((numbers.next()?, numbers.next()?))
 }
 
 /// Machine facts for the report.
@@ -666,9 +650,15 @@ fn machine_info(root: &Path) -> String {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let gemm =
-        gemm_gflops(root).map_or_else(|| "not measured".to_owned(), |g| format!("{g:.0} GFLOP/s"));
-    format!("{cores} cores (nproc), CPU: {cpu}, f32 GEMM 2048x2048 through OpenBLAS before the runs: {gemm}")
+    let probe = machine_probe(root).map_or_else(
+        || "GEMM and memory bandwidth not measured (no Python MLX)".to_owned(),
+        |(gemm, bw)| {
+            format!(
+                "f32 GEMM 2048x2048 through MLX and OpenBLAS {gemm:.0} GFLOP/s, memory read {bw:.1} GB/s (one thread)"
+            )
+        },
+    );
+    format!("{cores} cores (nproc), CPU: {cpu}, measured before the runs: {probe}")
 }
 
 /// Everything the report is made from.
@@ -708,12 +698,16 @@ fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Same model for all: SmolLM2-135M-Instruct (mlx-batch and mlx-lm load the folder made by \
-         `cargo xtask setup`; llama.cpp loads the original Q4_1 GGUF). Greedy (temperature 0), \
-         streaming, `max_tokens` {}, prompts of a fixed length built from a seeded word list. \
-         Every server ran alone, with `OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE` unset in its own \
-         environment; mlx-lm ran with Debian's OpenBLAS preloaded when present. Latencies in ms, \
-         measured on the client.\n",
+        "Same model for all: SmolLM2-135M-Instruct. mlx-batch loads the folder made by \
+         `cargo xtask setup` and runs it in f32 on a CPU; mlx-lm's batching server runs the same \
+         MLX wheel on the same dtype (a copy converted to f32 with mlx-lm's own converter on a \
+         CPU, the stored folder on a GPU); llama.cpp's own `llama-server` (built from the sources \
+         vendored in the llama-cpp-python 0.3.36 sdist, `--parallel` = the highest concurrency, \
+         {LLAMA_SLOT_CONTEXT} context tokens per slot, one thread per core) loads the original \
+         Q4_1 GGUF. Chat completions, greedy (temperature 0), streaming, `max_tokens` {}, prompts \
+         of a fixed length built from a seeded word list. Every server ran alone, with \
+         `OPENBLAS_CORETYPE` and `OPENBLAS_L2_SIZE` unset in its own environment; mlx-lm ran with \
+         Debian's OpenBLAS preloaded. Latencies in ms, measured on the client.\n",
         plan.max_tokens
     );
     for (server, m) in measured {
@@ -783,6 +777,35 @@ fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
+        "## Prefill\n\nOne prompt of {} words (a little more in tokens) sent alone, twice, to the \
+         otherwise idle server after every other level, with prompts no earlier level used. \
+         Prompt tokens/s is the prompt tokens the server reported over the time to first token.\n",
+        plan.prefill_prompt
+    );
+    let _ = writeln!(
+        md,
+        "| server | TTFT p50 (ms) | prompt tokens | prompt tok/s | tok/s ours/peer |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let prefill_rate = |m: &Measured| {
+        let ttft = m.prefill.as_ref()?.all.ttft_ms.as_ref()?.p50;
+        let tokens = m.prefill_prompt_tokens?;
+        Some((ttft, tokens, tokens / (ttft / 1e3)))
+    };
+    let our_rate = ours.and_then(prefill_rate).map(|r| r.2);
+    for (server, m) in measured {
+        if let Some((ttft, tokens, rate)) = prefill_rate(m) {
+            let _ = writeln!(
+                md,
+                "| {} | {ttft:.0} | {tokens:.0} | {rate:.1} | {} |",
+                server.name(),
+                ratio(our_rate, Some(rate)),
+            );
+        }
+    }
+    md.push('\n');
+    let _ = writeln!(
+        md,
         "## HIGH-priority probe\n\nA load of concurrency {} (NORMAL and LOW, 32-token prompts) with {} HIGH requests \
          started on top, one every {} ms. Peers ignore `priority`, so for them the probe is an ordinary request. \
          The idle column is the same HIGH request sent alone to the idle server, before the load.\n",
@@ -833,12 +856,11 @@ fn write_report(report: &Report<'_>) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "\n![throughput and latency against concurrency](comparison.png)\n\n\
-         Rerun: `cargo xtask setup && cargo xtask bench` (about 30 minutes for mlx-batch and llama.cpp on \
-         2 cores; mlx-lm's 4-bit CPU path adds about an hour, each level capped at 15 minutes; \
-         `--quick` for a few minutes, written to `bench-results/quick/`; `--servers mlx-lm` for one server). \
-         Peers are installed on first use into `.mlx/python` (mlx-lm) and `.mlx/llamacpp` \
-         (llama-cpp-python, built from source, several minutes). Raw per-request JSON and server logs \
-         go to `bench-results/raw/`."
+         Rerun: `cargo xtask setup && cargo xtask bench` (about 40 minutes on 2 cores; `--quick` for a \
+         few minutes, written to `bench-results/quick/`; `--servers mlx-lm` for one server). Peers \
+         are installed on first use: mlx-lm into `.mlx/python` (its f32 copy of the model in \
+         `.mlx/mlx-lm-f32`), llama-server built into `.mlx/llama-server` (about 7 minutes, once). \
+         Raw per-request JSON and server logs go to `bench-results/raw/`."
     );
     let readme = out_dir.join("README.md");
     fs::write(&readme, md).with_context(|| format!("writing {}", readme.display()))?;

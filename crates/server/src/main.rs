@@ -19,6 +19,11 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Serve(_) | Command::Generate(_)) {
+        // It may change this process's PATH, which is only safe before
+        // other threads start (the runtime's, the engine's).
+        backend_mlx::jit::enable();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

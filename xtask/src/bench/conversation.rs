@@ -47,7 +47,7 @@ pub(super) fn compare(
     let cfg = config(args.quick);
     let mut runs = Vec::new();
     for cached in [true, false] {
-        let mut cmd = prepare(Server::MlxBatch, paths.root, paths.model_dir, args)?;
+        let mut cmd = prepare(Server::MlxBatch, paths.root, paths.model_dir, args, 1)?;
         if !cached {
             cmd.arg("--no-prefix-cache");
         }

@@ -101,6 +101,7 @@ pub fn load(
     tracing::info!(
         kv_tokens = capacity.kv_tokens,
         max_context = capacity.max_context,
+        jit = ?backend_mlx::jit::enable(),
         "engine ready"
     );
     let whole_blocks = capacity.kv_tokens / block_size * block_size;
