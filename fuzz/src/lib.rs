@@ -36,7 +36,7 @@ use server::{
     app::{router, AppState, ServerConfig},
     byte_model::ByteTextModel,
     prepare::PRIORITY_HEADER,
-    scheduler_engine::SchedulerEngine,
+    scheduler_service::SchedulerService,
     telemetry,
 };
 use sim_backend::{SimBackend, SimConfig, TimeMode};
@@ -69,7 +69,7 @@ fn harness() -> &'static Harness {
         let scheduler =
             SchedulerHandle::spawn(SchedulerConfig::default(), SystemClock, move || Ok(backend))
                 .expect("the engine thread starts");
-        let engine = SchedulerEngine::new(scheduler, sim.kv_tokens);
+        let engine = SchedulerService::new(scheduler, sim.kv_tokens);
         let model = ByteTextModel::new(MODEL, MAX_CONTEXT, vec![256]);
         let state = AppState::new(
             Arc::new(engine),

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use batching_scheduler::{Engine, SchedulerConfig};
+use batching_scheduler::{Scheduler, SchedulerConfig};
 use batching_types::{
     Backend, BackendCapacity, BackendMemory, Clock, EventReceiver, KvBlocks, ManualClock,
     NewRequest, OutputEvent, Priority, RequestId, SamplingParams, SequenceOutcome, SequenceResult,
@@ -119,7 +119,7 @@ fn step_overhead(c: &mut Criterion) {
         max_queue: None,
         ..SchedulerConfig::default()
     };
-    let mut engine = Engine::new(config, NullBackend::default(), SystemClock).unwrap();
+    let mut engine = Scheduler::new(config, NullBackend::default(), SystemClock).unwrap();
     let mut streams: Vec<EventReceiver> = (0..256)
         .map(|_| engine.submit(long_request()).unwrap().1)
         .collect();
@@ -178,7 +178,7 @@ fn pause_resume(c: &mut Criterion) {
                 let run = left.min(3_000);
                 left -= run;
                 let mut engine =
-                    Engine::new(config.clone(), NullBackend::default(), SystemClock).unwrap();
+                    Scheduler::new(config.clone(), NullBackend::default(), SystemClock).unwrap();
                 let mut streams: Vec<EventReceiver> =
                     (0..256).map(|_| engine.submit(low()).unwrap().1).collect();
                 engine.step();
@@ -222,7 +222,7 @@ fn step_cpu_time() {
         max_queue: None,
         ..SchedulerConfig::default()
     };
-    let mut engine = Engine::new(config, NullBackend::default(), SystemClock).unwrap();
+    let mut engine = Scheduler::new(config, NullBackend::default(), SystemClock).unwrap();
     let mut streams: Vec<EventReceiver> = (0..256)
         .map(|_| engine.submit(long_request()).unwrap().1)
         .collect();
@@ -316,7 +316,7 @@ fn continuous(jobs: &[Job], batch: usize) -> Vec<Outcome> {
         max_queue: None,
         ..SchedulerConfig::default()
     };
-    let mut engine = Engine::new(config, backend, clock.clone()).unwrap();
+    let mut engine = Scheduler::new(config, backend, clock.clone()).unwrap();
     let mut live: Vec<(usize, EventReceiver, Option<Duration>, usize)> = vec![];
     let mut out: Vec<Option<Outcome>> = jobs.iter().map(|_| None).collect();
     let mut next = 0;

@@ -13,7 +13,7 @@ use batching_types::{
     Usage,
 };
 
-use crate::{shared::Shared, Engine, EngineHealth, SchedulerConfig, SchedulerError};
+use crate::{shared::Shared, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
 
 /// What a handle sends to the engine thread.
 enum Command {
@@ -142,7 +142,7 @@ impl SchedulerHandle {
                         return;
                     }
                 };
-                let engine = match Engine::new(config, backend, engine_clock) {
+                let engine = match Scheduler::new(config, backend, engine_clock) {
                     Ok(engine) => engine,
                     Err(err) => {
                         let _ = ready_tx.send(Err(err));
@@ -220,7 +220,7 @@ impl SchedulerHandle {
     }
 
     /// A cheap snapshot for health checks.
-    pub fn health(&self) -> EngineHealth {
+    pub fn health(&self) -> SchedulerStatus {
         let mut health = self.inner.shared.health();
         health.alive &= !*self.inner.stopped.borrow();
         health
@@ -308,7 +308,7 @@ impl Drop for Inbox {
 /// again; only reachable if the backend refuses every plan.
 const STALL_WAIT: Duration = Duration::from_millis(1);
 
-fn run_loop<B: Backend, C: Clock + Clone>(mut engine: Engine<B, C>, inbox: Inbox) {
+fn run_loop<B: Backend, C: Clock + Clone>(mut engine: Scheduler<B, C>, inbox: Inbox) {
     let mut shutting_down = false;
     loop {
         // Block only when idle: no busy-waiting, and no latency added while
@@ -352,7 +352,7 @@ fn run_loop<B: Backend, C: Clock + Clone>(mut engine: Engine<B, C>, inbox: Inbox
 }
 
 fn handle<B: Backend, C: Clock + Clone>(
-    engine: &mut Engine<B, C>,
+    engine: &mut Scheduler<B, C>,
     command: Command,
     shutting_down: &mut bool,
 ) {

@@ -7,9 +7,9 @@
 //! factory closure) and runs steps back to back while there is work; when
 //! idle it blocks on its submit channel. Everything that decides a step —
 //! sweeping cancelled and expired requests, planning, admission, KV block
-//! accounting, preemption — is the synchronous [`Engine`], which the
+//! accounting, preemption — is the synchronous [`Scheduler`], which the
 //! threaded loop behind [`SchedulerHandle`] merely wraps. Tests drive the
-//! `Engine` one [`Engine::step`] at a time with a
+//! `Scheduler` one [`Scheduler::step`] at a time with a
 //! [`batching_types::ManualClock`] and snapshot its [`StepTrace`]s.
 //!
 //! # How a step is formed
@@ -65,8 +65,8 @@ mod trace;
 pub use blocks::BlockAllocator;
 pub use bound::{WaitBound, WaitBoundInputs};
 pub use config::{ContextOverflow, SchedulerConfig};
-pub use engine::Engine;
+pub use engine::Scheduler;
 pub use error::SchedulerError;
 pub use handle::{RequestStream, SchedulerHandle};
-pub use shared::EngineHealth;
+pub use shared::SchedulerStatus;
 pub use trace::StepTrace;

@@ -12,7 +12,7 @@ use crate::{ContextOverflow, SchedulerError};
 
 /// A cheap snapshot of the engine for health checks and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct EngineHealth {
+pub struct SchedulerStatus {
     /// The engine loop is running (its thread has not exited or panicked).
     pub alive: bool,
     /// Shutdown has begun.
@@ -166,8 +166,8 @@ impl Shared {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
-    pub(crate) fn health(&self) -> EngineHealth {
-        EngineHealth {
+    pub(crate) fn health(&self) -> SchedulerStatus {
+        SchedulerStatus {
             alive: self.alive.load(Ordering::Acquire),
             shutting_down: self.shutting_down.load(Ordering::Acquire),
             running: self.running.load(Ordering::Relaxed),

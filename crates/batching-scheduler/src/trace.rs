@@ -8,7 +8,7 @@ use batching_types::{FinishReason, RequestId, StepItem, WorkKind};
 /// KV blocks afterwards.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepTrace {
-    /// The step's number, counting every call of [`crate::Engine::step`].
+    /// The step's number, counting every call of [`crate::Scheduler::step`].
     pub step: u64,
     /// The plan given to the backend, in order (empty when idle).
     pub items: Vec<StepItem>,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use batching_scheduler::{Engine, SchedulerConfig};
+use batching_scheduler::{Scheduler, SchedulerConfig};
 use batching_types::{
     FinishReason, ManualClock, NewRequest, OutputEvent, Priority, SamplingParams,
 };
@@ -130,7 +130,7 @@ proptest! {
             ..SchedulerConfig::default()
         };
         let total_blocks = kv_tokens / setup.block_size;
-        let mut engine = Engine::new(config.clone(), backend, clock).unwrap();
+        let mut engine = Scheduler::new(config.clone(), backend, clock).unwrap();
         let mut streams = vec![None; specs.len()].into_iter().map(|_: Option<()>| None).collect::<Vec<_>>();
         let mut step = 0usize;
         loop {

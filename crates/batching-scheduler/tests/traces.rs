@@ -264,7 +264,7 @@ fn truncation_ends_at_the_context_length() {
         context_overflow: batching_scheduler::ContextOverflow::Truncate,
         ..small(4, 64, 4)
     };
-    let mut e = batching_scheduler::Engine::new(config, backend, clock).unwrap();
+    let mut e = batching_scheduler::Scheduler::new(config, backend, clock).unwrap();
     let (_, mut rx) = e.submit(request(6, 100, Priority::Normal)).unwrap();
     run_to_idle(&mut e, 20);
     let (tokens, reason) = tokens_and_finish(&drain(&mut rx));

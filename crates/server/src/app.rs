@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    engine::Engine,
     openai::extract::{BodyLimit, DEFAULT_BODY_LIMIT},
     routes::{self, chat, completions, health, models},
+    service::GenerationService,
     text_model::TextModel,
 };
 
@@ -50,7 +50,7 @@ impl Default for ServerConfig {
 #[derive(Clone)]
 pub struct AppState {
     /// The batching engine.
-    pub engine: Arc<dyn Engine>,
+    pub engine: Arc<dyn GenerationService>,
     /// The served model's text side.
     pub model: Arc<dyn TextModel>,
     /// Renders `/metrics`.
@@ -66,7 +66,7 @@ pub struct AppState {
 impl AppState {
     /// State for a server over `engine` and `model`.
     pub fn new(
-        engine: Arc<dyn Engine>,
+        engine: Arc<dyn GenerationService>,
         model: Arc<dyn TextModel>,
         metrics: PrometheusHandle,
         config: ServerConfig,

@@ -12,8 +12,8 @@ use batching_types::{FinishReason, OutputEvent};
 use futures::StreamExt;
 
 use crate::{
-    engine::EventStream,
     openai::{errors::ApiError, types::UsageOut},
+    service::EventStream,
     stop::{StopMatcher, StopOutcome},
     text_model::StreamDecoder,
 };

@@ -2,7 +2,7 @@
 //! continuous-batching scheduler, and the command line around it.
 //!
 //! The main design decision is that the HTTP layer talks to the rest of the
-//! system through two small seams, [`engine::Engine`] (submit a request, get
+//! system through two small seams, [`service::GenerationService`] (submit a request, get
 //! its event stream; report health) and [`text_model::TextModel`] (encode,
 //! chat template, streaming detokenizer). Routes therefore hold no model or
 //! scheduling logic, they are tested over real HTTP with the simulated
@@ -19,14 +19,14 @@ pub mod byte_model;
 pub mod cli;
 #[cfg(feature = "mlx")]
 pub mod commands;
-pub mod engine;
 pub mod generation;
 #[cfg(feature = "mlx")]
 pub mod mlx_text;
 pub mod openai;
 pub mod prepare;
 pub mod routes;
-pub mod scheduler_engine;
+pub mod scheduler_service;
+pub mod service;
 pub mod sse;
 pub mod stop;
 pub mod telemetry;

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use server::{
     cli::{default_model_dir, DeviceArg, ModelArgs},
     commands::{load, KvSize, MemoryPlan, DEFAULT_CACHE_LIMIT},
-    engine::Engine,
+    service::GenerationService,
 };
 
 const MIB: u64 = 1 << 20;
@@ -36,7 +36,7 @@ fn status_mib(field: &str) -> u64 {
         / 1024
 }
 
-async fn run(engine: &dyn Engine, prompt: Vec<u32>, max_tokens: usize) -> FinishReason {
+async fn run(engine: &dyn GenerationService, prompt: Vec<u32>, max_tokens: usize) -> FinishReason {
     let mut events = engine
         .submit(NewRequest {
             prompt_tokens: prompt,

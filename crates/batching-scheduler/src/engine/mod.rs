@@ -1,4 +1,4 @@
-//! The synchronous engine core: one call of [`Engine::step`] plans, runs
+//! The synchronous engine core: one call of [`Scheduler::step`] plans, runs
 //! and accounts one forward pass. The threaded loop in [`crate::handle`]
 //! only wraps it, so tests drive it step by step with a manual clock.
 //!
@@ -25,7 +25,7 @@ use batching_types::{
 use crate::{
     blocks::BlockAllocator,
     metrics as names,
-    shared::{EngineHealth, Limits, Shared},
+    shared::{Limits, SchedulerStatus, Shared},
     SchedulerConfig, SchedulerError, StepTrace,
 };
 
@@ -66,12 +66,12 @@ struct Paused {
 }
 
 /// The scheduler's core: owns the backend, the waiting queue and the KV
-/// block accounting, and runs one step per call of [`Engine::step`].
+/// block accounting, and runs one step per call of [`Scheduler::step`].
 ///
 /// Not thread-safe by design: it lives on the engine thread (MLX arrays
 /// must stay on the thread that made them). Use
 /// [`crate::SchedulerHandle`] to run it on its own thread.
-pub struct Engine<B: Backend, C: Clock + Clone> {
+pub struct Scheduler<B: Backend, C: Clock + Clone> {
     config: SchedulerConfig,
     backend: B,
     clock: C,
@@ -91,16 +91,16 @@ pub struct Engine<B: Backend, C: Clock + Clone> {
     hot: names::Hot,
 }
 
-impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Scheduler<B, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
+        f.debug_struct("Scheduler")
             .field("config", &self.config)
             .field("health", &self.health())
             .finish_non_exhaustive()
     }
 }
 
-impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     /// An engine over `backend`; validates `config` against the backend's
     /// capacity (it needs room for at least one block).
     pub fn new(config: SchedulerConfig, mut backend: B, clock: C) -> Result<Self, SchedulerError> {
@@ -194,7 +194,7 @@ impl<B: Backend, C: Clock + Clone> Engine<B, C> {
     }
 
     /// A snapshot of the engine's state.
-    pub fn health(&self) -> EngineHealth {
+    pub fn health(&self) -> SchedulerStatus {
         self.shared.health()
     }
 
@@ -302,7 +302,7 @@ fn check_output(plan: &StepPlan, output: &StepOutput) -> Result<(), String> {
     Ok(())
 }
 
-impl<B: Backend, C: Clock + Clone> Drop for Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> Drop for Scheduler<B, C> {
     /// No client is left hanging: whatever is still queued or running when
     /// the engine goes away (shutdown, or a panic unwinding the engine
     /// thread) gets its finish event. The backend is not called here, since

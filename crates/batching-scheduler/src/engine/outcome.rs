@@ -8,10 +8,10 @@ use batching_types::{
     StepOutput, StepPlan, Usage, WorkKind,
 };
 
-use super::{preempt::Reason, Engine};
+use super::{preempt::Reason, Scheduler};
 use crate::{metrics as names, StepTrace};
 
-impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     /// Delivers the backend's results.
     pub(super) fn apply(
         &mut self,

@@ -8,11 +8,11 @@ use batching_types::{Backend, Clock, FinishReason, RequestStatus, StepItem, Work
 
 use super::{
     preempt::{Reason, Victim},
-    Active, Engine,
+    Active, Scheduler,
 };
 use crate::StepTrace;
 
-impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     /// Ends requests whose client left, waiting requests past their
     /// deadline, and everything the shutdown no longer allows.
     pub(super) fn sweep(&mut self, now: Instant, trace: &mut StepTrace) {

@@ -30,7 +30,7 @@ use batching_types::{
     Backend, BatchRequest, Clock, FinishReason, Priority, RequestId, RequestStatus,
 };
 
-use super::{placeholder, Engine, Paused};
+use super::{placeholder, Paused, Scheduler};
 use crate::{metrics as names, StepTrace};
 
 /// Where a request stands in service order at one instant; smaller is
@@ -136,7 +136,7 @@ struct Head {
     blocks: usize,
 }
 
-impl<B: Backend, C: Clock + Clone> Engine<B, C> {
+impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     pub(super) fn rank_active(&self, i: usize, now: Instant) -> Rank {
         Rank::of(&self.active[i].req, now, self.config.aging_rate)
     }

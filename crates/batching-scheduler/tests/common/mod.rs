@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use batching_scheduler::{Engine, SchedulerConfig};
+use batching_scheduler::{Scheduler, SchedulerConfig};
 use batching_types::{
     EventReceiver, FinishReason, ManualClock, NewRequest, OutputEvent, Priority, RequestId,
     SamplingParams,
 };
 use sim_backend::{SimBackend, SimConfig, TimeMode};
 
-pub type SimEngine = Engine<SimBackend, ManualClock>;
+pub type SimEngine = Scheduler<SimBackend, ManualClock>;
 
 /// A sim backend on virtual time: each step advances `clock` by its cost
 /// (10 ms per step, 1 ms per decode token, 0.1 ms per prompt token).
@@ -30,7 +30,10 @@ pub fn sim_config(clock: &ManualClock, kv_tokens: usize) -> SimConfig {
 pub fn engine(config: SchedulerConfig, kv_tokens: usize) -> (SimEngine, ManualClock) {
     let clock = ManualClock::new();
     let backend = SimBackend::new(sim_config(&clock, kv_tokens)).unwrap();
-    (Engine::new(config, backend, clock.clone()).unwrap(), clock)
+    (
+        Scheduler::new(config, backend, clock.clone()).unwrap(),
+        clock,
+    )
 }
 
 pub fn request(prompt_len: usize, max_tokens: usize, priority: Priority) -> NewRequest {

@@ -12,8 +12,8 @@ use batching_types::{NewRequest, SamplingParams};
 use crate::{
     cli::GenerateArgs,
     commands::{load, KvSize},
-    engine::Engine,
     generation::{Generation, GenerationConfig},
+    service::GenerationService,
     text_model::{ChatMessage, TextModel},
 };
 

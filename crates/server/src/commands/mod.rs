@@ -14,13 +14,13 @@ use batching_types::{Backend, SystemClock};
 use crate::{
     cli::{resolve_model_dir, DeviceArg, ModelArgs},
     mlx_text::MlxTextModel,
-    scheduler_engine::SchedulerEngine,
+    scheduler_service::SchedulerService,
 };
 
 /// A loaded model behind a running scheduler.
 pub struct Loaded {
     /// The scheduler, behind the engine seam.
-    pub engine: SchedulerEngine,
+    pub engine: SchedulerService,
     /// The model's text side.
     pub model: MlxTextModel,
 }
@@ -106,7 +106,7 @@ pub fn load(
     );
     let whole_blocks = capacity.kv_tokens / block_size * block_size;
     Ok(Loaded {
-        engine: SchedulerEngine::new(handle, whole_blocks),
+        engine: SchedulerService::new(handle, whole_blocks),
         model,
     })
 }

@@ -13,7 +13,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::engine::SubmitError;
+use crate::service::SubmitError;
 
 /// An error response.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use axum::{extract::State, http::StatusCode, Json};
 use serde::Serialize;
 
-use crate::{app::AppState, engine::EngineHealth};
+use crate::{app::AppState, service::ServiceHealth};
 
 /// The health report.
 #[derive(Debug, Serialize)]
@@ -14,7 +14,7 @@ pub struct HealthReport {
     /// The model being served.
     pub model: String,
     /// The engine's state.
-    pub engine: EngineHealth,
+    pub engine: ServiceHealth,
 }
 
 /// 200 while the engine runs and takes requests, 503 once it has stopped

@@ -12,7 +12,7 @@ use serde_json::Value;
 use server::{
     app::{AppState, ServerConfig},
     byte_model::ByteTextModel,
-    scheduler_engine::SchedulerEngine,
+    scheduler_service::SchedulerService,
     telemetry,
 };
 use sim_backend::{SimBackend, SimConfig, SimControl, StopRule, TimeMode};
@@ -84,7 +84,7 @@ impl TestServer {
         let control = backend.control();
         let scheduler =
             SchedulerHandle::spawn(options.scheduler, SystemClock, move || Ok(backend)).unwrap();
-        let engine = SchedulerEngine::new(scheduler.clone(), sim.kv_tokens);
+        let engine = SchedulerService::new(scheduler.clone(), sim.kv_tokens);
         let model = ByteTextModel::new(MODEL, MAX_CONTEXT, vec![EOS]);
         let state = AppState::new(
             Arc::new(engine),

@@ -1,25 +1,25 @@
-//! The real [`Engine`]: the continuous-batching scheduler's handle.
+//! The real [`GenerationService`]: the continuous-batching scheduler's handle.
 
 use std::time::Duration;
 
 use batching_scheduler::{SchedulerError, SchedulerHandle};
 use batching_types::{NewRequest, TypesError};
 
-use crate::engine::{Engine, EngineHealth, EventStream, SubmitError};
+use crate::service::{EventStream, GenerationService, ServiceHealth, SubmitError};
 
 /// How long a client told "queue full" should wait before retrying. One
 /// second is a few dozen decode steps: long enough for some requests to
 /// finish, short enough not to idle the server.
 const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The scheduler behind the [`Engine`] seam.
+/// The scheduler behind the [`GenerationService`] seam.
 #[derive(Debug, Clone)]
-pub struct SchedulerEngine {
+pub struct SchedulerService {
     handle: SchedulerHandle,
     max_sequence_tokens: usize,
 }
 
-impl SchedulerEngine {
+impl SchedulerService {
     /// Wraps `handle`; `max_sequence_tokens` is the most KV tokens one
     /// request can ever hold (the backend's KV capacity in whole blocks).
     pub fn new(handle: SchedulerHandle, max_sequence_tokens: usize) -> Self {
@@ -35,7 +35,7 @@ impl SchedulerEngine {
     }
 }
 
-impl Engine for SchedulerEngine {
+impl GenerationService for SchedulerService {
     fn submit(&self, request: NewRequest) -> Result<EventStream, SubmitError> {
         match self.handle.submit(request) {
             Ok(stream) => Ok(Box::pin(stream)),
@@ -43,9 +43,9 @@ impl Engine for SchedulerEngine {
         }
     }
 
-    fn health(&self) -> EngineHealth {
+    fn health(&self) -> ServiceHealth {
         let h = self.handle.health();
-        EngineHealth {
+        ServiceHealth {
             alive: h.alive,
             shutting_down: h.shutting_down,
             running: h.running,

@@ -42,7 +42,7 @@ pub enum SubmitError {
 
 /// What `/health` reports about the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct EngineHealth {
+pub struct ServiceHealth {
     /// Whether the engine loop is running.
     pub alive: bool,
     /// Whether a graceful shutdown has begun (no new requests are taken).
@@ -60,11 +60,11 @@ pub struct EngineHealth {
 }
 
 /// A batching engine that the routes submit requests to.
-pub trait Engine: Send + Sync + 'static {
+pub trait GenerationService: Send + Sync + 'static {
     /// Queues a request and returns its events.
     fn submit(&self, request: NewRequest) -> Result<EventStream, SubmitError>;
     /// A snapshot of the engine's state.
-    fn health(&self) -> EngineHealth;
+    fn health(&self) -> ServiceHealth;
     /// The most tokens, prompt plus generated, one request can hold in the
     /// KV cache; a request without `max_tokens` generates up to this (or
     /// the model's context, whichever is smaller).
