@@ -478,6 +478,7 @@ impl Backend for MlxBackend {
                         results.push(SequenceResult {
                             id: item.id,
                             outcome: SequenceOutcome::Failed("released during the step".into()),
+                            logprobs: None,
                         });
                         continue;
                     };
@@ -491,6 +492,7 @@ impl Backend for MlxBackend {
             results.push(SequenceResult {
                 id: item.id,
                 outcome,
+                logprobs: None,
             });
         }
         self.last_logits = logits.map(|l| (l, rows));

@@ -93,6 +93,7 @@ impl Backend for NullBackend {
                 SequenceResult {
                     id: item.id,
                     outcome,
+                    logprobs: None,
                 }
             })
             .collect();

@@ -386,13 +386,22 @@ mod tests {
     #[tokio::test]
     async fn a_vanished_engine_still_yields_exactly_one_error_finish() {
         let (tx, stream) = stream();
-        tx.send(OutputEvent::Token { token: 5, index: 0 }).unwrap();
+        tx.send(OutputEvent::Token {
+            token: 5,
+            index: 0,
+            logprobs: None,
+        })
+        .unwrap();
         drop(tx);
         let events: Vec<_> = stream.collect().await;
         assert_eq!(
             events,
             vec![
-                OutputEvent::Token { token: 5, index: 0 },
+                OutputEvent::Token {
+                    token: 5,
+                    index: 0,
+                    logprobs: None,
+                },
                 OutputEvent::Finished {
                     reason: FinishReason::Error,
                     usage: Usage {

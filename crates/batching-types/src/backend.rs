@@ -7,7 +7,7 @@
 //! one engine thread, which matters for MLX, whose arrays must stay on the
 //! thread that made them.
 
-use crate::{RequestId, SamplingParams};
+use crate::{RequestId, SamplingParams, TokenLogprobs};
 
 /// What the backend can hold, reported once at start-up and whenever the
 /// scheduler asks.
@@ -117,16 +117,19 @@ pub enum SequenceOutcome {
 }
 
 /// One sequence's outcome in a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SequenceResult {
     /// The sequence.
     pub id: RequestId,
     /// What happened to it.
     pub outcome: SequenceOutcome,
+    /// The sampled token's log probabilities, when its sampling asked for
+    /// them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// The outcomes of a step, one for each item of its plan, in plan order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     /// One result per planned item.
     pub results: Vec<SequenceResult>,

@@ -53,6 +53,17 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
+/// A sampled token's log probability and the most likely alternatives, as
+/// the request's sampling asked for.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenLogprobs {
+    /// The sampled token's log probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log probabilities, most likely
+    /// first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// One event on a request's output stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputEvent {
@@ -62,6 +73,8 @@ pub enum OutputEvent {
         token: u32,
         /// Its position among the generated tokens.
         index: usize,
+        /// Its log probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
     },
     /// The last event of every stream, sent exactly once.
     Finished {

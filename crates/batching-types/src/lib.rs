@@ -13,6 +13,7 @@
 
 mod backend;
 mod clock;
+mod constraint;
 mod error;
 mod event;
 mod priority;
@@ -25,8 +26,11 @@ pub use backend::{
     StepOutput, StepPlan, WorkKind,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use constraint::{mask_allows, ConstraintError, SharedConstraint, TokenConstraint};
 pub use error::TypesError;
-pub use event::{event_channel, EventReceiver, EventSender, FinishReason, OutputEvent, Usage};
+pub use event::{
+    event_channel, EventReceiver, EventSender, FinishReason, OutputEvent, TokenLogprobs, Usage,
+};
 pub use priority::Priority;
 pub use request::{BatchRequest, NewRequest, RequestId};
 pub use sampling::SamplingParams;

@@ -170,6 +170,7 @@ fn sampling(state: &AppState, params: &CommonParams) -> Result<SamplingParams, A
         top_k,
         seed: params.seed.map(|s| u64::from_ne_bytes(s.to_ne_bytes())),
         stop_token_ids: state.model.eos_token_ids(),
+        ..SamplingParams::default()
     };
     sampling.validate().map_err(|e| match e {
         TypesError::InvalidSampling { param, reason } => {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use batching_types::{
     Backend, BackendCapacity, BackendMemory, KvBlocks, RequestId, SamplingParams, SequenceOutcome,
-    SequenceResult, StepOutput, StepPlan, WorkKind,
+    SequenceResult, SharedConstraint, StepOutput, StepPlan, TokenLogprobs, WorkKind,
 };
 
 use crate::{tokens::ContextHash, SimConfig, SimControl, SimError, TimeMode};
@@ -24,6 +24,49 @@ struct Sequence {
     kv: usize,
     /// The block table its tokens were written through.
     table: Vec<u32>,
+    /// Alternatives to report with each token, when asked for.
+    logprobs: Option<usize>,
+    /// The grammar its tokens must follow, if any.
+    constraint: Option<SharedConstraint>,
+}
+
+impl Sequence {
+    /// The simulated model's choice after the tokens fed so far: the
+    /// context hash's token, or, under a constraint, the first token at or
+    /// after it (wrapping) that the grammar allows. Advances the grammar.
+    fn sample(&self, vocab: u32, stop: Option<crate::StopRule>) -> Result<u32, String> {
+        let token = self.hash.next_token(vocab, stop);
+        let Some(constraint) = &self.constraint else {
+            return Ok(token);
+        };
+        let mut grammar = constraint.lock();
+        let mut mask = vec![0u32; vocab.div_ceil(32) as usize];
+        grammar.fill_mask(&mut mask).map_err(|e| e.to_string())?;
+        let token = (0..vocab)
+            .map(|k| (token + k) % vocab)
+            .find(|&t| batching_types::mask_allows(&mask, t))
+            .ok_or_else(|| "the grammar allows no token".to_owned())?;
+        grammar.consume(token).map_err(|e| e.to_string())?;
+        Ok(token)
+    }
+
+    /// What the simulated model reports for `token`: it was the most likely
+    /// token, at probability 1/2, followed by the next ids at 1/4, 1/8...
+    fn logprobs_of(&self, token: u32, vocab: u32) -> Option<TokenLogprobs> {
+        let n = self.logprobs?;
+        let top = (0..n as u32)
+            .map(|k| {
+                (
+                    (token + k) % vocab.max(1),
+                    -((k + 1) as f32) * std::f32::consts::LN_2,
+                )
+            })
+            .collect();
+        Some(TokenLogprobs {
+            logprob: -std::f32::consts::LN_2,
+            top,
+        })
+    }
 }
 
 /// The simulated KV memory: a pool of blocks, each holding the tokens that
@@ -326,6 +369,8 @@ impl Backend for SimBackend {
                 last: None,
                 kv: 0,
                 table: Vec::new(),
+                logprobs: sampling.logprobs,
+                constraint: sampling.constraint.clone(),
             },
         );
         let live = self.sequences.len();
@@ -392,6 +437,7 @@ impl Backend for SimBackend {
                 results.push(SequenceResult {
                     id: item.id,
                     outcome: SequenceOutcome::Failed("injected sequence failure".into()),
+                    logprobs: None,
                 });
                 continue;
             }
@@ -421,9 +467,13 @@ impl Backend for SimBackend {
                     seq.prefilled += len;
                     seq.kv += len;
                     if seq.prefilled == seq.context.len() {
-                        let token = seq.hash.next_token(vocab, stop);
-                        seq.last = Some(token);
-                        SequenceOutcome::Token(token)
+                        match seq.sample(vocab, stop) {
+                            Ok(token) => {
+                                seq.last = Some(token);
+                                SequenceOutcome::Token(token)
+                            }
+                            Err(e) => SequenceOutcome::Failed(e),
+                        }
                     } else {
                         SequenceOutcome::Pending
                     }
@@ -433,14 +483,23 @@ impl Backend for SimBackend {
                         seq.hash.push(last);
                     }
                     seq.kv += 1;
-                    let token = seq.hash.next_token(vocab, stop);
-                    seq.last = Some(token);
-                    SequenceOutcome::Token(token)
+                    match seq.sample(vocab, stop) {
+                        Ok(token) => {
+                            seq.last = Some(token);
+                            SequenceOutcome::Token(token)
+                        }
+                        Err(e) => SequenceOutcome::Failed(e),
+                    }
                 }
+            };
+            let logprobs = match outcome {
+                SequenceOutcome::Token(token) => seq.logprobs_of(token, vocab),
+                _ => None,
             };
             results.push(SequenceResult {
                 id: item.id,
                 outcome,
+                logprobs,
             });
         }
         self.spend(prefill, decode);

@@ -5,7 +5,7 @@ use std::{sync::atomic::Ordering, time::Instant};
 
 use batching_types::{
     Backend, BatchRequest, Clock, FinishReason, OutputEvent, RequestStatus, SequenceOutcome,
-    StepOutput, StepPlan, Usage, WorkKind,
+    StepOutput, StepPlan, TokenLogprobs, Usage, WorkKind,
 };
 
 use super::{preempt::Reason, Scheduler};
@@ -25,6 +25,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             if !self.retries.is_empty() {
                 self.retries.remove(&item.id);
             }
+            let logprobs = result.logprobs;
             match (item.kind, result.outcome) {
                 (WorkKind::Prefill { len }, SequenceOutcome::Pending) => {
                     let a = &mut self.active[i];
@@ -70,7 +71,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                             continue;
                         }
                     }
-                    self.deliver(i, token, now, trace);
+                    self.deliver(i, token, logprobs, now, trace);
                 }
                 (WorkKind::Decode, SequenceOutcome::Pending) => {
                     self.finish_active(
@@ -88,14 +89,25 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     }
 
     /// Sends one token and ends the request if it is done.
-    pub(super) fn deliver(&mut self, i: usize, token: u32, now: Instant, trace: &mut StepTrace) {
+    pub(super) fn deliver(
+        &mut self,
+        i: usize,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+        now: Instant,
+        trace: &mut StepTrace,
+    ) {
         let a = &mut self.active[i];
         let index = a.req.generated_tokens.len();
         a.req.generated_tokens.push(token);
         let priority = usize::from(a.req.priority.value());
         if a.req
             .events
-            .send(OutputEvent::Token { token, index })
+            .send(OutputEvent::Token {
+                token,
+                index,
+                logprobs,
+            })
             .is_err()
         {
             self.finish_active(
@@ -119,7 +131,13 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             None => {}
         }
         a.last_token_at = Some(now);
-        let reason = if a.req.sampling.stop_token_ids.contains(&token) {
+        let grammar_done = a
+            .req
+            .sampling
+            .constraint
+            .as_ref()
+            .is_some_and(|c| c.lock().is_finished());
+        let reason = if a.req.sampling.stop_token_ids.contains(&token) || grammar_done {
             Some(FinishReason::Stop)
         } else if a.req.generated_tokens.len() >= a.req.max_tokens {
             Some(FinishReason::Length)

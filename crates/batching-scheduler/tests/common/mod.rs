@@ -68,7 +68,7 @@ pub fn tokens_and_finish(events: &[OutputEvent]) -> (Vec<u32>, FinishReason) {
             "an event after the finish event: {events:?}"
         );
         match event {
-            OutputEvent::Token { token, index } => {
+            OutputEvent::Token { token, index, .. } => {
                 assert_eq!(*index, tokens.len(), "gap or duplicate in {events:?}");
                 tokens.push(*token);
             }
