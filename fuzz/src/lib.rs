@@ -78,6 +78,7 @@ fn harness() -> &'static Harness {
             ServerConfig {
                 request_timeout: None,
                 body_limit: BODY_LIMIT,
+                ..ServerConfig::default()
             },
         );
         Harness {

@@ -125,7 +125,7 @@ fn step_overhead(c: &mut Criterion) {
         .map(|_| engine.submit(long_request()).unwrap().1)
         .collect();
     engine.step();
-    assert_eq!(engine.health().running, 256);
+    assert_eq!(engine.status().running, 256);
     let mut steps = 0u64;
     c.bench_function("step_overhead/256_running", |b| {
         b.iter(|| {

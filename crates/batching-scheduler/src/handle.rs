@@ -9,8 +9,8 @@ use std::{
 };
 
 use batching_types::{
-    Backend, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest, OutputEvent, RequestId,
-    Usage,
+    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest,
+    OutputEvent, RequestId, Usage,
 };
 
 use crate::{shared::Shared, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
@@ -103,7 +103,7 @@ pub struct SchedulerHandle {
 impl std::fmt::Debug for SchedulerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SchedulerHandle")
-            .field("health", &self.health())
+            .field("status", &self.status())
             .finish_non_exhaustive()
     }
 }
@@ -219,11 +219,24 @@ impl SchedulerHandle {
         }
     }
 
+    /// What the backend reported it can hold, read when the engine started
+    /// (the factory's backend is built on the engine thread, so this is how
+    /// its capacity comes back).
+    pub fn capacity(&self) -> BackendCapacity {
+        self.inner.shared.limits.capacity
+    }
+
+    /// The KV tokens one request can ever hold: the pool in whole blocks.
+    pub fn max_sequence_tokens(&self) -> usize {
+        let l = self.inner.shared.limits;
+        l.total_blocks * l.block_size
+    }
+
     /// A cheap snapshot for health checks.
-    pub fn health(&self) -> SchedulerStatus {
-        let mut health = self.inner.shared.health();
-        health.alive &= !*self.inner.stopped.borrow();
-        health
+    pub fn status(&self) -> SchedulerStatus {
+        let mut status = self.inner.shared.status(self.inner.clock.now());
+        status.alive &= !*self.inner.stopped.borrow();
+        status
     }
 
     /// Begins a graceful shutdown: new submits fail with
@@ -315,7 +328,11 @@ fn run_loop<B: Backend, C: Clock + Clone>(mut engine: Scheduler<B, C>, inbox: In
         // there is work.
         if !engine.has_work() && !shutting_down {
             match inbox.rx.recv() {
-                Ok(command) => handle(&mut engine, command, &mut shutting_down),
+                Ok(command) => {
+                    // Time spent idle is not a stall.
+                    engine.mark_progress();
+                    handle(&mut engine, command, &mut shutting_down);
+                }
                 Err(_) => {
                     engine.begin_shutdown();
                     shutting_down = true;

@@ -3,10 +3,12 @@
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use batching_types::{event_channel, BackendMemory, BatchRequest, EventReceiver, NewRequest};
+use batching_types::{
+    event_channel, BackendCapacity, BackendMemory, BatchRequest, EventReceiver, NewRequest,
+};
 
 use crate::{ContextOverflow, SchedulerError};
 
@@ -38,6 +40,10 @@ pub struct SchedulerStatus {
     pub step_failures: u64,
     /// Failed steps since the last successful one.
     pub consecutive_step_failures: u64,
+    /// Time since the engine loop last made progress: finished a step, or
+    /// woke up with work after being idle. While there is work, a large
+    /// value means the loop is stuck (a step that never returns).
+    pub since_progress: Duration,
     /// The backend's memory after the last step.
     pub memory: BackendMemory,
 }
@@ -45,6 +51,8 @@ pub struct SchedulerStatus {
 /// Limits fixed when the engine starts, from the config and the backend.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
+    /// What the backend reported it holds.
+    pub(crate) capacity: BackendCapacity,
     pub(crate) max_queue: Option<usize>,
     pub(crate) block_size: usize,
     pub(crate) total_blocks: usize,
@@ -69,11 +77,16 @@ pub(crate) struct Shared {
     pub(crate) consecutive_failures: AtomicU64,
     /// The backend's memory: active, peak, cache and KV bytes.
     pub(crate) memory: [AtomicU64; 4],
+    /// When the engine started; progress is kept as nanoseconds since.
+    epoch: Instant,
+    progress_ns: AtomicU64,
 }
 
 impl Shared {
-    pub(crate) fn new(limits: Limits) -> Self {
+    pub(crate) fn new(limits: Limits, now: Instant) -> Self {
         Self {
+            epoch: now,
+            progress_ns: AtomicU64::new(0),
             limits,
             next_id: AtomicU64::new(1),
             pending: AtomicUsize::new(0),
@@ -166,8 +179,17 @@ impl Shared {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
-    pub(crate) fn health(&self) -> SchedulerStatus {
+    /// Records that the engine loop made progress at `now`.
+    pub(crate) fn mark_progress(&self, now: Instant) {
+        let ns = now.saturating_duration_since(self.epoch).as_nanos();
+        self.progress_ns
+            .store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn status(&self, now: Instant) -> SchedulerStatus {
+        let progress = self.epoch + Duration::from_nanos(self.progress_ns.load(Ordering::Relaxed));
         SchedulerStatus {
+            since_progress: now.saturating_duration_since(progress),
             alive: self.alive.load(Ordering::Acquire),
             shutting_down: self.shutting_down.load(Ordering::Acquire),
             running: self.running.load(Ordering::Relaxed),

@@ -96,8 +96,8 @@ async fn many_tasks_submit_concurrently_and_each_gets_its_own_tokens() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 40, "ids are unique");
-    eventually("idle", || handle.health().running == 0).await;
-    let health = handle.health();
+    eventually("idle", || handle.status().running == 0).await;
+    let health = handle.status();
     assert!(health.alive && health.steps > 0);
     assert_eq!(health.kv_blocks_used, 0);
     assert!(control.stats().max_batch_size > 1, "requests were batched");
@@ -113,10 +113,10 @@ async fn dropping_the_stream_cancels_the_request_and_frees_its_blocks() {
             Some(OutputEvent::Token { .. })
         ));
     }
-    assert_eq!(handle.health().running, 1);
+    assert_eq!(handle.status().running, 1);
     drop(stream);
     eventually("the cancelled request to leave", || {
-        let h = handle.health();
+        let h = handle.status();
         h.running == 0 && h.kv_blocks_used == 0 && control.stats().live_sequences == 0
     })
     .await;
@@ -158,7 +158,7 @@ async fn shutdown_refuses_new_work_and_finishes_every_stream() {
     tokio::time::timeout(Duration::from_secs(10), handle.stopped())
         .await
         .unwrap();
-    assert!(!handle.health().alive);
+    assert!(!handle.status().alive);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +177,7 @@ async fn a_full_queue_and_oversized_requests_are_refused_at_submit() {
     );
     // The bound counts requests not yet admitted: the first one is running.
     let _running = handle.submit(request(4, 100, Priority::Normal)).unwrap();
-    eventually("admission", || handle.health().running == 1).await;
+    eventually("admission", || handle.status().running == 1).await;
     let _a = handle.submit(request(4, 100, Priority::Normal)).unwrap();
     let _b = handle.submit(request(4, 100, Priority::Normal)).unwrap();
     assert!(matches!(
@@ -277,7 +277,7 @@ async fn a_panicking_engine_thread_still_finishes_every_stream() {
     tokio::time::timeout(Duration::from_secs(10), handle.stopped())
         .await
         .unwrap();
-    assert!(!handle.health().alive);
+    assert!(!handle.status().alive);
     assert_eq!(
         handle.submit(request(4, 10, Priority::Normal)).unwrap_err(),
         SchedulerError::EngineStopped

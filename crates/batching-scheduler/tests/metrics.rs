@@ -114,7 +114,7 @@ fn a_pause_for_priority_is_counted_timed_and_shown_while_it_lasts() {
         e.step();
         // A snapshot resets the debugging recorder's counters, so the gauge
         // is read from the engine's health, which publishes the same value.
-        seen_paused = e.health().paused == 1;
+        seen_paused = e.status().paused == 1;
         run_to_idle(&mut e, 100);
         drain(&mut low);
         drain(&mut high);

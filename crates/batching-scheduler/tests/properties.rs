@@ -181,7 +181,7 @@ proptest! {
         prop_assert_eq!(stats.kv_in_use, 0);
         prop_assert_eq!(stats.blocks_in_use, 0);
         prop_assert!(stats.max_blocks_in_use <= total_blocks);
-        let health = engine.health();
+        let health = engine.status();
         prop_assert_eq!((health.kv_blocks_used, health.running, health.waiting, health.paused, health.pending), (0, 0, 0, 0, 0));
         for (s, rx) in specs.iter().zip(streams.iter_mut()) {
             let rx = rx.as_mut().unwrap();

@@ -34,7 +34,7 @@ fn low_wait(aging_rate: f64, horizon: Duration) -> Option<Duration> {
     let (low_id, mut low) = e.submit(request(4, 5, Priority::Low)).unwrap();
     let mut admitted_at = None;
     while clock.now() - t0 < horizon {
-        if e.health().waiting < HIGH_BACKLOG + 1 {
+        if e.status().waiting < HIGH_BACKLOG + 1 {
             highs.push(e.submit(request(4, 5, Priority::High)).unwrap().1);
         }
         let started = clock.now();
@@ -218,7 +218,7 @@ mod bound {
                     submit(&mut e, b.prompt_len, b.max_tokens, priority);
                 }
                 if step < w.high_steps {
-                    while e.health().waiting < w.backlog {
+                    while e.status().waiting < w.backlog {
                         highs += 1;
                         submit(&mut e, 1 + (highs as usize * 7) % 8, 1 + (highs as usize * 5) % 6, Priority::High);
                     }

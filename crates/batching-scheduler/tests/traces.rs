@@ -87,7 +87,7 @@ fn running_out_of_blocks_preempts_the_least_urgent_which_resumes_without_gaps() 
         tokens_and_finish(&drain(&mut high)),
         (alone, FinishReason::Length)
     );
-    assert_eq!(e.health().kv_blocks_used, 0);
+    assert_eq!(e.status().kv_blocks_used, 0);
     assert_eq!(
         e.backend().control().stats().violations,
         Vec::<String>::new()
@@ -111,7 +111,7 @@ fn a_dropped_client_is_cancelled_within_one_step_in_prefill_and_in_decode() {
         tokens_and_finish(&drain(&mut other)).1,
         FinishReason::Length
     );
-    assert_eq!(e.health().kv_blocks_used, 0);
+    assert_eq!(e.status().kv_blocks_used, 0);
     assert_eq!(e.backend().control().stats().live_sequences, 0);
 }
 
@@ -201,7 +201,7 @@ fn stop_tokens_failed_sequences_and_failed_steps_end_requests_correctly() {
             FinishReason::Length
         )
     );
-    let health = e.health();
+    let health = e.status();
     assert_eq!(
         (health.step_failures, health.consecutive_step_failures),
         (1, 0)
@@ -220,7 +220,7 @@ fn repeated_step_failures_end_requests_with_an_error_and_the_engine_recovers() {
     let (_, mut fine) = e.submit(request(3, 2, Priority::Normal)).unwrap();
     run_to_idle(&mut e, 10);
     assert_eq!(tokens_and_finish(&drain(&mut fine)).1, FinishReason::Length);
-    assert_eq!(e.health().step_failures, 2);
+    assert_eq!(e.status().step_failures, 2);
 }
 
 #[test]
@@ -327,7 +327,7 @@ fn a_high_request_overtakes_a_full_batch_and_the_paused_request_resumes_without_
     let stats = e.backend().control().stats();
     assert_eq!(stats.added, 3);
     assert_eq!(stats.prefill_tokens, 4 + 6 + 3);
-    assert_eq!(e.health().kv_blocks_used, 0);
+    assert_eq!(e.status().kv_blocks_used, 0);
 }
 
 #[test]
@@ -578,7 +578,7 @@ fn a_paused_request_behind_the_head_gives_up_its_blocks_even_on_a_tie() {
             )
         );
     }
-    assert_eq!(e.health().kv_blocks_used, 0);
+    assert_eq!(e.status().kv_blocks_used, 0);
 }
 
 #[test]

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 use crate::{
+    health::HealthPolicy,
     openai::extract::{BodyLimit, DEFAULT_BODY_LIMIT},
     routes::{self, chat, completions, health, models},
     service::GenerationService,
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// The largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// When the engine counts as not live.
+    pub health: HealthPolicy,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +45,7 @@ impl Default for ServerConfig {
         Self {
             request_timeout: None,
             body_limit: DEFAULT_BODY_LIMIT,
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -96,7 +100,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::handler))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get))
-        .route("/health", get(health::handler))
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
         .route("/metrics", get(routes::metrics::handler))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

@@ -144,6 +144,15 @@ pub struct ServeArgs {
     /// computes only the rest (`usage.prompt_tokens_details.cached_tokens`).
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Liveness (`GET /health`) fails after this many whole steps fail in a
+    /// row; readiness (`GET /health/ready`) fails with it.
+    #[arg(long, default_value_t = 3)]
+    pub unhealthy_after_failures: u64,
+    /// Liveness fails when requests are waiting or running and no step has
+    /// finished for this long (a stalled engine), for example "60s" or
+    /// "none".
+    #[arg(long, value_parser = parse_timeout, default_value = "60s")]
+    pub stall_timeout: Timeout,
 }
 
 /// `mlx-batch generate`.

@@ -20,6 +20,7 @@ pub mod cli;
 #[cfg(feature = "mlx")]
 pub mod commands;
 pub mod generation;
+pub mod health;
 #[cfg(feature = "mlx")]
 pub mod mlx_text;
 pub mod openai;

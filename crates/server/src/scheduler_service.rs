@@ -44,15 +44,20 @@ impl GenerationService for SchedulerService {
     }
 
     fn health(&self) -> ServiceHealth {
-        let h = self.handle.health();
+        let h = self.handle.status();
         ServiceHealth {
             alive: h.alive,
+            loading: false,
             shutting_down: h.shutting_down,
+            shedding: false,
             running: h.running,
             waiting: h.pending.max(h.waiting),
             paused: h.paused,
             kv_blocks_used: h.kv_blocks_used,
             kv_blocks_total: h.kv_blocks_used + h.kv_blocks_free,
+            steps: h.steps,
+            consecutive_step_failures: h.consecutive_step_failures,
+            since_progress_ms: u64::try_from(h.since_progress.as_millis()).unwrap_or(u64::MAX),
         }
     }
 

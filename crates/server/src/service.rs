@@ -38,15 +38,27 @@ pub enum SubmitError {
     },
     /// The engine loop is no longer running.
     Stopped,
+    /// The model is still loading; the server takes work once it is ready.
+    Loading,
+    /// The engine is shedding load after running out of memory; try again
+    /// after about this long.
+    Shedding {
+        /// A hint for the client's `Retry-After` header.
+        retry_after: Duration,
+    },
 }
 
-/// What `/health` reports about the engine.
+/// What `/health` and `/health/ready` report about the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ServiceHealth {
     /// Whether the engine loop is running.
     pub alive: bool,
+    /// Whether the model is still loading (no engine yet).
+    pub loading: bool,
     /// Whether a graceful shutdown has begun (no new requests are taken).
     pub shutting_down: bool,
+    /// Whether new work is refused because memory ran short.
+    pub shedding: bool,
     /// Requests in the batch (prefilling or decoding).
     pub running: usize,
     /// Requests in the waiting queue.
@@ -57,6 +69,13 @@ pub struct ServiceHealth {
     pub kv_blocks_used: usize,
     /// KV cache blocks in total.
     pub kv_blocks_total: usize,
+    /// Steps run so far.
+    pub steps: u64,
+    /// Whole steps that failed in a row, up to now.
+    pub consecutive_step_failures: u64,
+    /// Milliseconds since the engine loop last made progress (finished a
+    /// step or woke up with work).
+    pub since_progress_ms: u64,
 }
 
 /// A batching engine that the routes submit requests to.
@@ -69,4 +88,51 @@ pub trait GenerationService: Send + Sync + 'static {
     /// KV cache; a request without `max_tokens` generates up to this (or
     /// the model's context, whichever is smaller).
     fn max_sequence_tokens(&self) -> usize;
+}
+
+/// The service of a server that is still loading its model: it answers
+/// health checks (live, not ready) and refuses work with
+/// [`SubmitError::Loading`] until the real service is [`ServiceSlot::fill`]ed,
+/// and then forwards everything to it. This is what lets the server listen
+/// before the weights are in memory, so that probes see "loading" instead
+/// of a refused connection.
+#[derive(Default)]
+pub struct ServiceSlot {
+    inner: std::sync::OnceLock<std::sync::Arc<dyn GenerationService>>,
+}
+
+impl ServiceSlot {
+    /// An empty slot: loading.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the loaded service in; a second fill is ignored.
+    pub fn fill(&self, service: std::sync::Arc<dyn GenerationService>) {
+        let _ = self.inner.set(service);
+    }
+}
+
+impl GenerationService for ServiceSlot {
+    fn submit(&self, request: NewRequest) -> Result<EventStream, SubmitError> {
+        match self.inner.get() {
+            Some(service) => service.submit(request),
+            None => Err(SubmitError::Loading),
+        }
+    }
+
+    fn health(&self) -> ServiceHealth {
+        match self.inner.get() {
+            Some(service) => service.health(),
+            None => ServiceHealth {
+                alive: true,
+                loading: true,
+                ..ServiceHealth::default()
+            },
+        }
+    }
+
+    fn max_sequence_tokens(&self) -> usize {
+        self.inner.get().map_or(0, |s| s.max_sequence_tokens())
+    }
 }

@@ -482,24 +482,41 @@ async fn a_request_that_waits_past_the_timeout_gets_504() {
 }
 
 #[tokio::test]
-async fn shutdown_refuses_new_requests_with_503_and_health_turns_503() {
-    let s = TestServer::start(Options::default()).await;
+async fn shutdown_refuses_new_requests_with_503_readiness_drains_then_liveness_fails() {
+    let s = TestServer::start(Options::default().serial(Duration::from_millis(5))).await;
     let (status, health) = s.get_json("/health").await;
     assert_eq!(status, 200);
     assert_eq!(health["engine"]["alive"], true);
     assert_eq!(health["status"], "ok");
     assert!(health["engine"]["kv_blocks_total"].as_u64().unwrap() > 0);
-    insta::assert_json_snapshot!("health", health);
+    insta::assert_json_snapshot!("health", health, {".engine.since_progress_ms" => "[ms]"});
+    let (status, ready) = s.get_json("/health/ready").await;
+    assert_eq!((status, &ready["status"]), (200, &json!("ok")));
 
+    // A running stream keeps the engine alive through the drain.
+    let body = json!({"model": MODEL, "prompt": "a", "max_tokens": 200, "stream": true});
+    let mut reader = SseReader::new(s.open_stream("/v1/completions", &body).await);
+    reader.next().await.unwrap();
     s.scheduler.shutdown();
     let (status, headers, err) = s.post("/v1/chat/completions", &chat_body("x", 2)).await;
     assert_eq!(status, 503, "{err}");
     assert!(headers.contains_key("retry-after"));
     assert_eq!(err["error"]["code"], "service_unavailable");
+    let (status, ready) = s.get_json("/health/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["reason"], "draining");
+    let (status, live) = s.get_json("/health").await;
+    assert_eq!(status, 200, "draining is not a liveness failure: {live}");
+    while reader.next().await.is_some() {}
     s.scheduler.stopped().await;
     let (status, health) = s.get_json("/health").await;
     assert_eq!(status, 503);
     assert_eq!(health["engine"]["alive"], false);
+    assert_eq!(health["reason"], "engine_stopped");
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("mlx_batch_ready 0"), "{text}");
+    assert!(text.contains("mlx_batch_live 0"), "{text}");
 }
 
 #[tokio::test]
@@ -592,4 +609,65 @@ async fn metrics_are_served_in_prometheus_text_format() {
             "{name} missing:\n{text}"
         );
     }
+}
+
+#[tokio::test]
+async fn steps_failing_in_a_row_fail_liveness_with_the_reason_until_one_succeeds() {
+    // Slow steps leave time to look between the third and the fifth
+    // failure.
+    let mut options = Options::default().serial(Duration::from_millis(60));
+    // Each request is re-queued after a failed step a few times, so the
+    // engine keeps stepping (and failing) on its own.
+    options.scheduler.max_step_retries = 10;
+    let s = TestServer::start(options).await;
+    s.control.fail_next_steps(4);
+    let body = chat_body("x", 3);
+    let request = s.post("/v1/chat/completions", &body);
+    let watch = async {
+        let mut seen_down = None;
+        for _ in 0..400 {
+            let (status, health) = s.get_json("/health").await;
+            if status == 503 {
+                seen_down = Some(health);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen_down
+    };
+    let ((status, _, answer), down) = tokio::join!(request, watch);
+    let down = down.expect("/health never turned 503 while steps failed");
+    assert_eq!(down["reason"], "step_failures", "{down}");
+    assert!(
+        down["engine"]["consecutive_step_failures"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    // The fifth step succeeded: the request was served and health recovers.
+    assert_eq!(status, 200, "{answer}");
+    let (status, health) = s.get_json("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["engine"]["consecutive_step_failures"], 0);
+    let (status, _) = s.get_json("/health/ready").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_step_that_does_not_return_fails_liveness_as_stalled() {
+    let mut options = Options::default().serial(Duration::from_millis(1500));
+    options.server.health.stall_timeout = Duration::from_millis(300);
+    let s = TestServer::start(options).await;
+    let body = chat_body("x", 1);
+    let request = s.post("/v1/chat/completions", &body);
+    let watch = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        s.get_json("/health").await
+    };
+    let ((status, _, answer), (live_status, live)) = tokio::join!(request, watch);
+    assert_eq!(live_status, 503, "{live}");
+    assert_eq!(live["reason"], "stalled");
+    assert_eq!(status, 200, "{answer}");
+    let (status, health) = s.get_json("/health").await;
+    assert_eq!(status, 200, "idle again after the step: {health}");
 }

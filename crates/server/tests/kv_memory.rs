@@ -90,10 +90,10 @@ async fn a_kv_budget_bounds_memory_whatever_the_mix_of_lengths() {
     let watch = async {
         let mut most = 0;
         loop {
-            let kv = engine.handle().health().memory.kv_bytes;
+            let kv = engine.handle().status().memory.kv_bytes;
             most = most.max(kv);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if engine.handle().health().running == 0 && engine.handle().health().waiting == 0 {
+            if engine.handle().status().running == 0 && engine.handle().status().waiting == 0 {
                 return most;
             }
         }
@@ -105,7 +105,7 @@ async fn a_kv_budget_bounds_memory_whatever_the_mix_of_lengths() {
     );
 
     let growth = status_mib("VmHWM:").saturating_sub(rss_before);
-    let memory = engine.handle().health().memory;
+    let memory = engine.handle().status().memory;
     let bound = (KV_BUDGET + WORKING_SET + DEFAULT_CACHE_LIMIT) / MIB;
     println!(
         "RSS {rss_before} MiB -> peak {} MiB (growth {growth} MiB, bound {bound} MiB); \

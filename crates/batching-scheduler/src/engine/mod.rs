@@ -95,7 +95,7 @@ impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Scheduler<B, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
             .field("config", &self.config)
-            .field("health", &self.health())
+            .field("status", &self.status())
             .finish_non_exhaustive()
     }
 }
@@ -132,13 +132,17 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             clock.clone(),
         )
         .map_err(|e| SchedulerError::InvalidConfig(e.to_string()))?;
-        let shared = Arc::new(Shared::new(Limits {
-            max_queue: config.max_queue,
-            block_size: config.block_size,
-            total_blocks,
-            max_context: capacity.max_context,
-            overflow: config.context_overflow,
-        }));
+        let shared = Arc::new(Shared::new(
+            Limits {
+                capacity,
+                max_queue: config.max_queue,
+                block_size: config.block_size,
+                total_blocks,
+                max_context: capacity.max_context,
+                overflow: config.context_overflow,
+            },
+            clock.now(),
+        ));
         Ok(Self {
             blocks: BlockAllocator::new(total_blocks, config.block_size),
             config,
@@ -194,8 +198,13 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     }
 
     /// A snapshot of the engine's state.
-    pub fn health(&self) -> SchedulerStatus {
-        self.shared.health()
+    pub fn status(&self) -> SchedulerStatus {
+        self.shared.status(self.clock.now())
+    }
+
+    /// Records that the loop made progress now (it woke up with work).
+    pub(crate) fn mark_progress(&self) {
+        self.shared.mark_progress(self.clock.now());
     }
 
     /// True while any request is waiting or running.
@@ -260,6 +269,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
         self.active.retain(|a| !a.gone);
         self.publish();
         self.publish_memory();
+        self.shared.mark_progress(self.clock.now());
         trace.blocks_used = self.blocks.used();
         trace.blocks_free = self.blocks.free();
         trace.running = self.active.len();

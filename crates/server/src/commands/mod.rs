@@ -4,12 +4,12 @@ pub mod generate;
 pub mod import;
 pub mod serve;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use backend_mlx::{Device, LoadOptions, MlxBackend};
 use batching_scheduler::{SchedulerConfig, SchedulerHandle};
-use batching_types::{Backend, SystemClock};
+use batching_types::SystemClock;
 
 use crate::{
     cli::{resolve_model_dir, DeviceArg, ModelArgs},
@@ -65,48 +65,53 @@ pub fn load(
     scheduler: SchedulerConfig,
     memory: MemoryPlan,
 ) -> anyhow::Result<Loaded> {
-    let kv = memory.kv;
+    let (dir, model) = load_text(args)?;
+    let engine = start_engine(&dir, args, scheduler, memory)?;
+    Ok(Loaded { engine, model })
+}
+
+/// The model's folder and its text side (tokenizer, chat template): quick,
+/// and all the HTTP layer needs before the weights are in memory.
+pub fn load_text(args: &ModelArgs) -> anyhow::Result<(PathBuf, MlxTextModel)> {
     let dir = resolve_model_dir(args.model.as_ref())?;
     let model = MlxTextModel::load(&dir)?;
+    Ok((dir, model))
+}
+
+/// Loads the weights on the engine thread and starts the scheduler over
+/// them: seconds of blocking work.
+pub fn start_engine(
+    dir: &Path,
+    args: &ModelArgs,
+    scheduler: SchedulerConfig,
+    memory: MemoryPlan,
+) -> anyhow::Result<SchedulerService> {
     let device = match args.device {
         DeviceArg::Auto => Device::best_available(),
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Gpu => Device::Gpu.ensure_available()?,
     };
-    let mut options = LoadOptions::new(&dir);
+    let mut options = LoadOptions::new(dir);
     options.device = device;
     options.max_batch_size = scheduler.max_batch_size;
     options.memory_limit = memory.limit;
     options.cache_limit = memory.cache_limit;
-    match kv {
+    match memory.kv {
         KvSize::Bytes(bytes) => options.kv_memory_bytes = Some(bytes),
         KvSize::Tokens(tokens) => options.kv_tokens = Some(tokens),
     }
-    let block_size = scheduler.block_size.max(1);
-    tracing::info!(model = %model.info().name, dir = %dir.display(), %device, "loading the model");
-    // The backend is built on the engine thread (MLX arrays stay on the
-    // thread that made them); it reports its capacity back through here.
-    let capacity = Arc::new(Mutex::new(None));
-    let reported = Arc::clone(&capacity);
-    let handle = SchedulerHandle::spawn(scheduler, SystemClock, move || {
-        let backend = MlxBackend::load(&options)?;
-        *reported.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.capacity());
-        Ok(backend)
-    })
-    .context("starting the engine")?;
-    let capacity = capacity
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .context("the backend did not report its capacity")?;
+    tracing::info!(dir = %dir.display(), %device, "loading the model");
+    // The backend is built on the engine thread: MLX arrays stay on the
+    // thread that made them.
+    let handle = SchedulerHandle::spawn(scheduler, SystemClock, move || MlxBackend::load(&options))
+        .context("starting the engine")?;
+    let capacity = handle.capacity();
     tracing::info!(
         kv_tokens = capacity.kv_tokens,
         max_context = capacity.max_context,
         jit = ?backend_mlx::jit::enable(),
         "engine ready"
     );
-    let whole_blocks = capacity.kv_tokens / block_size * block_size;
-    Ok(Loaded {
-        engine: SchedulerService::new(handle, whole_blocks),
-        model,
-    })
+    let max_sequence_tokens = handle.max_sequence_tokens();
+    Ok(SchedulerService::new(handle, max_sequence_tokens))
 }

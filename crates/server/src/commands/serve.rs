@@ -9,7 +9,9 @@ use batching_scheduler::SchedulerConfig;
 use crate::{
     app::{self, AppState, ServerConfig},
     cli::ServeArgs,
-    commands::{load, KvSize, MemoryPlan},
+    commands::{load_text, start_engine, KvSize, MemoryPlan},
+    health::HealthPolicy,
+    service::{GenerationService, ServiceSlot},
     telemetry,
 };
 
@@ -43,33 +45,72 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         limit: args.memory_limit.resolve(),
         cache_limit: Some(args.mlx_cache_limit),
     };
-    let loaded = tokio::task::block_in_place(|| load(&args.model, scheduler, memory))?;
-    let handle = loaded.engine.handle().clone();
+    let (dir, model) = load_text(&args.model)?;
+    let slot = Arc::new(ServiceSlot::new());
     let state = AppState::new(
-        Arc::new(loaded.engine),
-        Arc::new(loaded.model),
+        Arc::clone(&slot) as Arc<dyn GenerationService>,
+        Arc::new(model),
         metrics,
         ServerConfig {
             request_timeout: args.request_timeout.0,
+            health: HealthPolicy {
+                max_step_failures: args.unhealthy_after_failures,
+                stall_timeout: args.stall_timeout.0.unwrap_or(Duration::MAX),
+            },
             ..ServerConfig::default()
         },
     );
+    // Listen first, so that health probes see "loading" while the weights
+    // load instead of a refused connection.
     let listener = tokio::net::TcpListener::bind(args.addr())
         .await
         .with_context(|| format!("cannot listen on {}", args.addr()))?;
     tracing::info!(
-        "serving {} on http://{}/v1",
-        state.model.id(),
-        listener.local_addr()?
+        "listening on http://{}/v1; loading {}",
+        listener.local_addr()?,
+        state.model.id()
     );
-    let on_signal = handle.clone();
-    app::serve(listener, state, async move {
-        shutdown_signal().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let model_args = args.model.clone();
+    let loading =
+        tokio::task::spawn_blocking(move || start_engine(&dir, &model_args, scheduler, memory));
+    let id = state.model.id().to_owned();
+    let server = app::serve(listener, state, async move {
+        let mut stop = stop_rx;
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
         tracing::info!("shutting down: finishing requests in flight");
-        // New requests get 503 from here on; running ones may finish.
+    });
+    tokio::pin!(server);
+    let engine = tokio::select! {
+        loaded = loading => loaded.context("the loading task failed")?,
+        served = &mut server => {
+            served?;
+            return Ok(());
+        }
+    };
+    let engine = match engine {
+        Ok(engine) => engine,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Err(e);
+        }
+    };
+    let handle = engine.handle().clone();
+    slot.fill(Arc::new(engine));
+    tracing::info!("serving {id}");
+    // New requests get 503 from the moment shutdown begins; running ones
+    // may finish within the grace period.
+    let on_signal = handle.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown_signal().await;
         on_signal.shutdown();
-    })
-    .await?;
+    });
+    server.await?;
+    watcher.abort();
     handle.shutdown();
     if tokio::time::timeout(grace + STOP_WAIT, handle.stopped())
         .await

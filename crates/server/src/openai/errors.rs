@@ -192,6 +192,16 @@ impl From<SubmitError> for ApiError {
                 Self::unavailable("The server is shutting down and takes no new requests.")
             }
             SubmitError::Stopped => Self::unavailable("The inference engine is not running."),
+            SubmitError::Loading => {
+                Self::unavailable("The model is still loading. Retry in a few seconds.")
+            }
+            SubmitError::Shedding { retry_after } => {
+                let mut e = Self::unavailable(
+                    "The server is short of memory and sheds new work until running requests finish. Retry later.",
+                );
+                e.retry_after = Some(retry_after.as_secs().max(1));
+                e
+            }
             SubmitError::TooLarge(message) => Self::context_length("max_tokens", message),
             SubmitError::Invalid { param, message } => match param {
                 Some(param) => Self::invalid_param(&param, message),
