@@ -129,10 +129,14 @@ impl Decoder {
         }
         let mut prefill = StepPlan::default();
         for _ in 0..batch {
-            let id = RequestId(self.next);
+            let id = RequestId::from(self.next);
             self.next += 1;
             self.backend
-                .add_sequence(id, &prompt(id.0, DECODE_PROMPT), &SamplingParams::default())
+                .add_sequence(
+                    id,
+                    &prompt(id.seq(), DECODE_PROMPT),
+                    &SamplingParams::default(),
+                )
                 .unwrap();
             prefill.items.push(StepItem {
                 id,
@@ -181,8 +185,8 @@ fn prefill_once(backend: &mut MlxBackend, id: u64) -> Duration {
 /// Prefills a fresh `len`-token prompt in one chunk and returns the step's
 /// time.
 fn prefill_len(backend: &mut MlxBackend, id: u64, len: usize) -> Duration {
-    let id = RequestId(id);
-    let tokens = prompt(id.0, len);
+    let id = RequestId::from(id);
+    let tokens = prompt(id.seq(), len);
     backend
         .add_sequence(id, &tokens, &SamplingParams::default())
         .unwrap();

@@ -381,7 +381,7 @@ impl Backend for MlxBackend {
         // recomputed later still draws the same tokens.
         let seed = sampling
             .seed
-            .unwrap_or_else(|| RandomState::new().hash_one(id.0));
+            .unwrap_or_else(|| RandomState::new().hash_one(id.seq()));
         if self.pool.blocks().is_none() {
             return Err(BackendError::Sequence(
                 "configure_kv must come before any sequence".into(),

@@ -74,35 +74,35 @@ fn a_cached_prefix_gives_the_tokens_of_computing_it() {
 
     let mut backend = load(&dir.0, None);
     let decode = |id| StepItem {
-        id: RequestId(id),
+        id: RequestId::from(id),
         kind: WorkKind::Decode,
     };
     // The first sequence writes the shared blocks 0 and 1, then leaves.
     backend
-        .add_sequence(RequestId(1), &first, &greedy())
+        .add_sequence(RequestId::from(1), &first, &greedy())
         .unwrap();
     let plan = StepPlan {
         items: vec![StepItem {
-            id: RequestId(1),
+            id: RequestId::from(1),
             kind: WorkKind::Prefill { len: first.len() },
         }],
         block_tables: vec![vec![0, 1, 2]],
     };
     backend.step(&plan).unwrap();
-    backend.release(RequestId(1));
+    backend.release(RequestId::from(1));
     // The second reads them and computes only its own two tokens, in a
     // block of its own.
     backend
-        .add_sequence(RequestId(2), &second, &greedy())
+        .add_sequence(RequestId::from(2), &second, &greedy())
         .unwrap();
     backend
-        .use_cached_prefix(RequestId(2), shared.len())
+        .use_cached_prefix(RequestId::from(2), shared.len())
         .unwrap();
     let table = vec![0, 1, 5];
     let mut tokens = vec![];
     let mut plan = StepPlan {
         items: vec![StepItem {
-            id: RequestId(2),
+            id: RequestId::from(2),
             kind: WorkKind::Prefill { len: 2 },
         }],
         block_tables: vec![table.clone()],
@@ -121,11 +121,11 @@ fn a_cached_prefix_gives_the_tokens_of_computing_it() {
     assert_eq!(tokens, solo);
     // A prefix that is not whole blocks, or the whole context, is refused.
     backend
-        .add_sequence(RequestId(3), &second, &greedy())
+        .add_sequence(RequestId::from(3), &second, &greedy())
         .unwrap();
-    assert!(backend.use_cached_prefix(RequestId(3), 5).is_err());
+    assert!(backend.use_cached_prefix(RequestId::from(3), 5).is_err());
     assert!(backend
-        .use_cached_prefix(RequestId(3), second.len() + 14)
+        .use_cached_prefix(RequestId::from(3), second.len() + 14)
         .is_err());
 }
 

@@ -124,13 +124,13 @@ fn default_model_matches_mlx_lm() {
         let mut worst = 0f32;
         for (i, p) in prompts.iter().enumerate() {
             backend
-                .add_sequence(RequestId(i as u64), p, &greedy())
+                .add_sequence(RequestId::from(i as u64), p, &greedy())
                 .unwrap();
         }
         let mut tables = Tables::default();
         let mut items: Vec<StepItem> = (0..prompts.len())
             .map(|i| StepItem {
-                id: RequestId(i as u64),
+                id: RequestId::from(i as u64),
                 kind: WorkKind::Prefill {
                     len: prompts[i].len(),
                 },

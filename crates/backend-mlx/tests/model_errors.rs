@@ -105,28 +105,32 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
     let dir = tiny();
     let mut backend = load(&dir.0, None);
     backend
-        .add_sequence(RequestId(1), &[1, 2, 3], &greedy())
+        .add_sequence(RequestId::from(1), &[1, 2, 3], &greedy())
         .unwrap();
     backend
-        .add_sequence(RequestId(2), &[4, 5], &greedy())
+        .add_sequence(RequestId::from(2), &[4, 5], &greedy())
         .unwrap();
-    assert!(backend.add_sequence(RequestId(2), &[4], &greedy()).is_err());
-    assert!(backend.add_sequence(RequestId(3), &[], &greedy()).is_err());
     assert!(backend
-        .add_sequence(RequestId(4), &[999], &greedy())
+        .add_sequence(RequestId::from(2), &[4], &greedy())
+        .is_err());
+    assert!(backend
+        .add_sequence(RequestId::from(3), &[], &greedy())
+        .is_err());
+    assert!(backend
+        .add_sequence(RequestId::from(4), &[999], &greedy())
         .is_err());
     let mut tables = Tables::default();
     let plan = tables.plan(vec![
         StepItem {
-            id: RequestId(1),
+            id: RequestId::from(1),
             kind: WorkKind::Prefill { len: 2 },
         },
         StepItem {
-            id: RequestId(2),
+            id: RequestId::from(2),
             kind: WorkKind::Prefill { len: 5 },
         },
         StepItem {
-            id: RequestId(9),
+            id: RequestId::from(9),
             kind: WorkKind::Decode,
         },
     ]);
@@ -138,7 +142,7 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
     );
     // Decoding before the prefill finished is refused; finishing it works.
     let decode_item = StepItem {
-        id: RequestId(1),
+        id: RequestId::from(1),
         kind: WorkKind::Decode,
     };
     let decode = tables.plan(vec![decode_item]);
@@ -147,7 +151,7 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
         SequenceOutcome::Failed(_)
     ));
     let finish = tables.plan(vec![StepItem {
-        id: RequestId(1),
+        id: RequestId::from(1),
         kind: WorkKind::Prefill { len: 1 },
     }]);
     assert!(matches!(
@@ -167,7 +171,7 @@ fn bad_items_fail_alone_and_the_rest_of_the_step_runs() {
     assert!(
         matches!(&backend.step(&short).unwrap().results[0].outcome, SequenceOutcome::Failed(m) if m.contains("block table"))
     );
-    backend.release(RequestId(1));
-    backend.release(RequestId(1));
+    backend.release(RequestId::from(1));
+    backend.release(RequestId::from(1));
     assert_eq!(backend.num_sequences(), 1);
 }

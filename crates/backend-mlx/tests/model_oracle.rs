@@ -86,7 +86,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// checks each step's logits within `tol`.
 fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
     let mut backend = load(dir, Some(dtype));
-    let ids: Vec<RequestId> = (0..refs.len() as u64).map(RequestId).collect();
+    let ids: Vec<RequestId> = (0..refs.len() as u64).map(RequestId::from).collect();
     for (id, r) in ids.iter().zip(refs) {
         backend.add_sequence(*id, &r.prompt, &greedy()).unwrap();
     }
@@ -112,7 +112,7 @@ fn check(dir: &Path, refs: &[Reference], dtype: ModelDType, tol: f32) {
         let plan = tables.plan(items);
         let out = backend.step(&plan).unwrap();
         for (item, result) in plan.items.iter().zip(out.results) {
-            let i = item.id.0 as usize;
+            let i = item.id.seq() as usize;
             if let WorkKind::Prefill { len } = item.kind {
                 prefilled[i] += len;
             }

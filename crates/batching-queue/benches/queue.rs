@@ -23,7 +23,7 @@ struct BenchItem {
 
 impl QueueItem for BenchItem {
     fn id(&self) -> RequestId {
-        RequestId(self.id)
+        RequestId::from(self.id)
     }
     fn base_priority(&self) -> Priority {
         self.priority

@@ -59,7 +59,7 @@ mod tests {
             ..Default::default()
         };
         let mut r = BatchRequest::new(spec, tx, now).unwrap();
-        assert_eq!(QueueItem::id(&r), RequestId(11));
+        assert_eq!(QueueItem::id(&r), RequestId::from(11));
         assert_eq!(QueueItem::base_priority(&r), Priority::Low);
         assert_eq!(QueueItem::enqueued_at(&r), None);
         r.set_enqueued_at(now);

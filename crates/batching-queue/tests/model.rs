@@ -99,7 +99,7 @@ proptest! {
                     let id = if next_id == 0 { 0 } else { n as u64 % next_id };
                     let expected = model.items.iter().position(|(i, _, _)| i.id == id)
                         .map(|pos| model.items.remove(pos).0.id);
-                    prop_assert_eq!(q.remove(RequestId(id)).map(|i| i.id), expected);
+                    prop_assert_eq!(q.remove(RequestId::from(id)).map(|i| i.id), expected);
                 }
                 Op::Requeue => {
                     if let Some(i) = model.head(now) {
@@ -116,7 +116,7 @@ proptest! {
             let now = clock.now();
             prop_assert_eq!(q.qsize(), model.items.len());
             prop_assert_eq!(q.empty(), model.items.is_empty());
-            prop_assert_eq!(q.peek(), model.head(now).map(|i| RequestId(model.items[i].0.id)));
+            prop_assert_eq!(q.peek(), model.head(now).map(|i| RequestId::from(model.items[i].0.id)));
         }
         // What is left drains in the model's order.
         let now = clock.now();

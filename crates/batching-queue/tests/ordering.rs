@@ -117,7 +117,7 @@ fn after_20s_a_low_request_ties_with_a_new_high_one_and_wins_by_arrival() {
     q.try_put(Item::new(1, Low)).unwrap();
     clock.advance(secs(21));
     q.try_put(Item::new(2, High)).unwrap();
-    assert_eq!(q.peek(), Some(RequestId(1)));
+    assert_eq!(q.peek(), Some(RequestId::from(1)));
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn empty_and_qsize_track_contents() {
     assert_eq!(q.qsize(), 2);
     q.try_get().unwrap();
     assert_eq!(q.qsize(), 1);
-    q.remove(RequestId(2)).unwrap();
+    q.remove(RequestId::from(2)).unwrap();
     assert!(q.empty());
 }
 
@@ -142,12 +142,12 @@ fn peek_shows_the_head_without_removing_it() {
     assert_eq!(q.peek_with(|i| i.id), None);
     q.try_put(Item::new(1, Low)).unwrap();
     q.try_put(Item::new(2, High)).unwrap();
-    assert_eq!(q.peek(), Some(RequestId(2)));
-    assert_eq!(q.peek(), Some(RequestId(2)));
+    assert_eq!(q.peek(), Some(RequestId::from(2)));
+    assert_eq!(q.peek(), Some(RequestId::from(2)));
     assert_eq!(q.peek_with(|i| i.priority), Some(High));
     assert_eq!(q.qsize(), 2);
     assert_eq!(q.try_get().unwrap().id, 2);
-    assert_eq!(q.peek(), Some(RequestId(1)));
+    assert_eq!(q.peek(), Some(RequestId::from(1)));
 }
 
 #[test]
@@ -172,9 +172,9 @@ fn remove_takes_out_exactly_that_item() {
     for (id, p) in [(1, High), (2, Normal), (3, Low)] {
         q.try_put(Item::new(id, p)).unwrap();
     }
-    assert_eq!(q.remove(RequestId(2)).unwrap().id, 2);
-    assert!(q.remove(RequestId(2)).is_none());
-    assert!(q.remove(RequestId(99)).is_none());
+    assert_eq!(q.remove(RequestId::from(2)).unwrap().id, 2);
+    assert!(q.remove(RequestId::from(2)).is_none());
+    assert!(q.remove(RequestId::from(99)).is_none());
     assert_eq!(q.qsize(), 2);
     // A removed id may be queued again.
     q.try_put(Item::new(2, Normal)).unwrap();
@@ -227,7 +227,7 @@ fn a_preempted_request_put_back_keeps_its_place() {
     q.try_put(Item::new(3, High)).unwrap(); // key 1.5, later than 2
                                             // Preempted: put back with the arrival it already had.
     q.try_put(first).unwrap();
-    assert_eq!(q.peek(), Some(RequestId(1)));
+    assert_eq!(q.peek(), Some(RequestId::from(1)));
     let drained = q.drain();
     assert_eq!(drained[0].enqueued_at, first_arrival);
     let ids: Vec<u64> = drained.iter().map(|i| i.id).collect();
@@ -244,7 +244,7 @@ fn a_request_that_entered_before_the_queue_existed_keeps_its_aging() {
     let mut old = Item::new(2, Low);
     old.enqueued_at = Some(old_arrival); // 2 - 3.0 = -1
     q.try_put(old).unwrap();
-    assert_eq!(q.peek(), Some(RequestId(2)));
+    assert_eq!(q.peek(), Some(RequestId::from(2)));
     let p = q.peek_with(|i| q.effective_priority(i)).unwrap();
     assert!((p + 1.0).abs() < 1e-9, "{p}");
 }
@@ -300,7 +300,7 @@ fn remove_where_takes_matching_items_in_service_order() {
         .collect();
     assert_eq!(odd, vec![3, 1, 5]);
     assert!(q.remove_where(|_| false).is_empty());
-    assert!(q.remove(RequestId(3)).is_none(), "index updated");
+    assert!(q.remove(RequestId::from(3)).is_none(), "index updated");
     assert_eq!(drain_ids(&q), vec![2, 4]);
 }
 
@@ -375,8 +375,8 @@ fn service_order_table() {
                 (i.priority, q.effective_priority(i), arrived.as_secs())
             })
             .unwrap();
-        table.push_str(&format!("{} {p} {arrived} {eff:.2}\n", id.0));
-        assert_eq!(q.try_get().unwrap().id, id.0);
+        table.push_str(&format!("{} {p} {arrived} {eff:.2}\n", id.seq()));
+        assert_eq!(q.try_get().unwrap().id, id.seq());
     }
     insta::assert_snapshot!(table);
 }

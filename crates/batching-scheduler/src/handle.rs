@@ -391,7 +391,7 @@ mod tests {
     fn stream() -> (batching_types::EventSender, RequestStream) {
         let (tx, rx) = batching_types::event_channel();
         let stream = RequestStream {
-            id: RequestId(1),
+            id: RequestId::from(1),
             prompt_tokens: 3,
             delivered: 0,
             rx,
@@ -443,6 +443,6 @@ mod tests {
         tx.send(finished.clone()).unwrap();
         assert_eq!(stream.next_event().await, Some(finished));
         assert_eq!(stream.next_event().await, None);
-        assert_eq!(stream.id(), RequestId(1));
+        assert_eq!(stream.id(), RequestId::from(1));
     }
 }

@@ -54,7 +54,7 @@ fn ids(f: &mut fmt::Formatter<'_>, label: &str, ids: &[RequestId]) -> fmt::Resul
     write!(f, " {label}[")?;
     for (i, id) in ids.iter().enumerate() {
         let sep = if i == 0 { "" } else { " " };
-        write!(f, "{sep}{}", id.0)?;
+        write!(f, "{sep}{}", id.seq())?;
     }
     f.write_str("]")
 }
@@ -67,8 +67,8 @@ impl fmt::Display for StepTrace {
         for (i, item) in self.items.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
             match item.kind {
-                WorkKind::Decode => write!(f, "{sep}{}:D", item.id.0)?,
-                WorkKind::Prefill { len } => write!(f, "{sep}{}:P{len}", item.id.0)?,
+                WorkKind::Decode => write!(f, "{sep}{}:D", item.id.seq())?,
+                WorkKind::Prefill { len } => write!(f, "{sep}{}:P{len}", item.id.seq())?,
             }
         }
         f.write_str("]")?;
@@ -80,7 +80,7 @@ impl fmt::Display for StepTrace {
             f.write_str(" done[")?;
             for (i, (id, reason)) in self.finished.iter().enumerate() {
                 let sep = if i == 0 { "" } else { " " };
-                write!(f, "{sep}{}:{reason}", id.0)?;
+                write!(f, "{sep}{}:{reason}", id.seq())?;
             }
             f.write_str("]")?;
         }

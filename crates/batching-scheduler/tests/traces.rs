@@ -75,8 +75,8 @@ fn running_out_of_blocks_preempts_the_least_urgent_which_resumes_without_gaps() 
         lines.push(t.to_string());
     }
     insta::assert_snapshot!(lines.join("\n"));
-    assert!(preempted.contains(&low_id.0), "LOW is the victim");
-    assert!(!preempted.contains(&high_id.0));
+    assert!(preempted.contains(&low_id.seq()), "LOW is the victim");
+    assert!(!preempted.contains(&high_id.seq()));
     let prompt: Vec<u32> = (1..=8).collect();
     let alone = expected_tokens(&prompt, None, 12, 1000, None);
     assert_eq!(
@@ -307,8 +307,8 @@ fn a_high_request_overtakes_a_full_batch_and_the_paused_request_resumes_without_
     let (high, mut rxh) = e.submit(request(3, 3, Priority::High)).unwrap();
     let overtaking = e.step();
     // Within one step HIGH is in the batch, in place of the newest LOW.
-    assert_eq!(ids(&overtaking.admitted), vec![high.0]);
-    assert_eq!(ids(&overtaking.paused), vec![low2.0]);
+    assert_eq!(ids(&overtaking.admitted), vec![high.seq()]);
+    assert_eq!(ids(&overtaking.paused), vec![low2.seq()]);
     lines.push(overtaking.to_string());
     lines.extend(run_to_idle(&mut e, 60));
     insta::assert_snapshot!(lines.join("\n"));
@@ -413,7 +413,7 @@ fn high_needing_blocks_held_by_low_work_drops_their_caches_which_are_recomputed(
     let mut lines = vec![e.step().to_string()];
     let (_, mut h) = e.submit(request(16, 2, Priority::High)).unwrap();
     let t = e.step();
-    assert_eq!(ids(&t.preempted), vec![low2.0], "{t}");
+    assert_eq!(ids(&t.preempted), vec![low2.seq()], "{t}");
     lines.push(t.to_string());
     lines.extend(run_to_idle(&mut e, 60));
     insta::assert_snapshot!(lines.join("\n"));

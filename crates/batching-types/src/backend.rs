@@ -205,11 +205,11 @@ mod tests {
             block_tables: vec![vec![0], vec![1]],
             items: vec![
                 StepItem {
-                    id: RequestId(1),
+                    id: RequestId::from(1),
                     kind: WorkKind::Decode,
                 },
                 StepItem {
-                    id: RequestId(2),
+                    id: RequestId::from(2),
                     kind: WorkKind::Prefill { len: 16 },
                 },
             ],

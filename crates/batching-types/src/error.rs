@@ -22,6 +22,11 @@ pub enum TypesError {
     /// A request must be allowed to generate at least one token.
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
+    /// A request name that is empty, too long or not visible ASCII.
+    #[error(
+        "invalid request id {0:?}: it must be 1 to 64 visible ASCII characters (no spaces or control characters)"
+    )]
+    InvalidRequestId(String),
     /// A sampling parameter outside its valid range; names the parameter.
     #[error("invalid value for {param}: {reason}")]
     InvalidSampling {

@@ -4,14 +4,114 @@ use std::{fmt, time::Instant};
 
 use crate::{EventSender, Priority, RequestStatus, SamplingParams, TypesError};
 
-/// A request's identity inside the engine. The server maps its own
-/// client-facing ids (for example `chatcmpl-...`) onto these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestId(pub u64);
+/// A request's identity, one from the HTTP edge to the backend.
+///
+/// It has a *name*, the id users see: the `x-request-id` a client sent, or
+/// one the server made up, printed in every log line, error message and
+/// trace of the request, and used in its response id. The engine also
+/// gives it a sequence number, unique among all requests of the process;
+/// equality, hashing and ordering use that number only, so two clients
+/// that send the same `x-request-id` never collide inside the engine. The
+/// name is stored inline (at most [`RequestId::MAX_NAME`] bytes of visible
+/// ASCII), which keeps the id `Copy`.
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    seq: u64,
+    len: u8,
+    name: [u8; RequestId::MAX_NAME],
+}
+
+impl RequestId {
+    /// The longest name, in bytes.
+    pub const MAX_NAME: usize = 64;
+
+    /// An id with sequence number `seq` and the given name; fails unless
+    /// the name is 1 to [`RequestId::MAX_NAME`] visible ASCII characters
+    /// (what an HTTP header and a log line can carry unescaped).
+    pub fn named(seq: u64, name: &str) -> Result<Self, TypesError> {
+        Self::check_name(name)?;
+        let mut buf = [0u8; Self::MAX_NAME];
+        buf[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(Self {
+            seq,
+            len: name.len() as u8,
+            name: buf,
+        })
+    }
+
+    /// Checks a name without making an id.
+    pub fn check_name(name: &str) -> Result<(), TypesError> {
+        if name.is_empty()
+            || name.len() > Self::MAX_NAME
+            || !name.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(TypesError::InvalidRequestId(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The engine-wide sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The name users see.
+    pub fn name(&self) -> &str {
+        // Built only from a checked `&str`, so always ASCII.
+        std::str::from_utf8(&self.name[..usize::from(self.len)]).unwrap_or("?")
+    }
+}
+
+/// An id named `req-<seq>`, for requests that came without a name.
+impl From<u64> for RequestId {
+    fn from(seq: u64) -> Self {
+        let name = format!("req-{seq}");
+        let mut buf = [0u8; Self::MAX_NAME];
+        let len = name.len().min(Self::MAX_NAME);
+        buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self {
+            seq,
+            len: len as u8,
+            name: buf,
+        }
+    }
+}
+
+impl PartialEq for RequestId {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+    }
+}
+
+impl Eq for RequestId {}
+
+impl std::hash::Hash for RequestId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.seq.hash(state);
+    }
+}
+
+impl PartialOrd for RequestId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RequestId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.seq.cmp(&other.seq)
+    }
+}
 
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "req-{}", self.0)
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({}, {:?})", self.seq, self.name())
     }
 }
 
@@ -19,8 +119,12 @@ impl fmt::Display for RequestId {
 /// than a long argument list.
 #[derive(Debug, Clone, Default)]
 pub struct NewRequest {
-    /// The engine-wide unique id.
+    /// The engine-wide sequence number; the engine assigns it at submit,
+    /// whatever the caller put here.
     pub request_id: u64,
+    /// The request's name (see [`RequestId`]), for example the client's
+    /// `x-request-id`; `None` names it `req-<sequence number>`.
+    pub name: Option<String>,
     /// The model the request is for.
     pub model_id: String,
     /// The tokenized prompt; must not be empty.
@@ -89,8 +193,12 @@ impl BatchRequest {
             return Err(TypesError::ZeroMaxTokens);
         }
         spec.sampling.validate()?;
+        let request_id = match &spec.name {
+            Some(name) => RequestId::named(spec.request_id, name)?,
+            None => RequestId::from(spec.request_id),
+        };
         Ok(Self {
-            request_id: RequestId(spec.request_id),
+            request_id,
             model_id: spec.model_id,
             prompt_tokens: spec.prompt_tokens,
             max_tokens: spec.max_tokens,
@@ -170,7 +278,7 @@ mod tests {
         let now = Instant::now();
         let r = BatchRequest::new(spec(), tx, now).unwrap();
         assert_eq!(r.status(), RequestStatus::Waiting);
-        assert_eq!(r.request_id, RequestId(7));
+        assert_eq!(r.request_id, RequestId::from(7));
         assert_eq!(r.created_at, now);
         assert!(r.started_at.is_none() && r.enqueued_at.is_none());
         assert!(r.block_table.is_empty() && r.generated_tokens.is_empty());
@@ -210,6 +318,36 @@ mod tests {
             BatchRequest::new(bad_sampling, tx, now),
             Err(TypesError::InvalidSampling { param: "top_p", .. })
         ));
+    }
+
+    #[test]
+    fn an_id_is_its_name_to_people_and_its_number_to_the_engine() {
+        let a = RequestId::named(1, "abc-123").unwrap();
+        let b = RequestId::named(2, "abc-123").unwrap();
+        assert_eq!(a.to_string(), "abc-123");
+        assert_ne!(a, b, "the same name twice is two requests");
+        assert!(a < b);
+        assert_eq!(RequestId::from(9).to_string(), "req-9");
+        assert_eq!(RequestId::from(9), RequestId::named(9, "other").unwrap());
+        let long = "x".repeat(RequestId::MAX_NAME);
+        assert_eq!(RequestId::named(3, &long).unwrap().name(), long);
+        for bad in ["", "with space", "tab\t", "é", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    RequestId::named(1, bad),
+                    Err(TypesError::InvalidRequestId(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let (tx, _rx) = event_channel();
+        let named = NewRequest {
+            name: Some("client-7".into()),
+            ..spec()
+        };
+        let r = BatchRequest::new(named, tx, Instant::now()).unwrap();
+        assert_eq!(r.request_id.to_string(), "client-7");
+        assert_eq!(r.request_id.seq(), 7);
     }
 
     #[test]

@@ -1,13 +1,6 @@
 //! The router and the state every handler shares.
 
-use std::{
-    future::Future,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     extract::{DefaultBodyLimit, Request},
@@ -23,6 +16,7 @@ use tower_http::trace::TraceLayer;
 use crate::{
     health::HealthPolicy,
     openai::extract::{BodyLimit, DEFAULT_BODY_LIMIT},
+    request_id,
     routes::{self, chat, completions, health, models},
     service::GenerationService,
     text_model::TextModel,
@@ -64,7 +58,6 @@ pub struct AppState {
     /// Unix seconds when the server started, reported as the model's
     /// creation time.
     pub started_at_unix: u64,
-    next_id: Arc<AtomicU64>,
 }
 
 impl AppState {
@@ -81,13 +74,7 @@ impl AppState {
             metrics,
             config,
             started_at_unix: routes::unix_now(),
-            next_id: Arc::new(AtomicU64::new(1)),
         }
-    }
-
-    /// A request id no other request of this server has.
-    pub fn next_request_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -109,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .layer(Extension(BodyLimit(limit)))
         .layer(middleware::from_fn(count_requests))
         .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(request_id::identify))
         .with_state(state)
 }
 

@@ -46,6 +46,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// Prompt length, for usage when the server ends the request itself.
     pub prompt_tokens: usize,
+    /// The request's name, for log lines written outside its handler (a
+    /// streamed body outlives the handler's span).
+    pub request_name: String,
 }
 
 /// Reads one request's events.
@@ -57,6 +60,7 @@ pub struct Generation {
     prompt_tokens: usize,
     completion_tokens: usize,
     finished: bool,
+    request_name: String,
 }
 
 impl Generation {
@@ -70,6 +74,7 @@ impl Generation {
             prompt_tokens: config.prompt_tokens,
             completion_tokens: 0,
             finished: false,
+            request_name: config.request_name,
         }
     }
 
@@ -215,7 +220,10 @@ impl Drop for Generation {
             // The client went away before the end: the event stream drops
             // with us, and the engine cancels the request.
             metrics::counter!("mlx_batch_server_client_disconnects_total").increment(1);
-            tracing::info!("client disconnected; request cancelled");
+            tracing::info!(
+                request_id = %self.request_name,
+                "client disconnected; request cancelled"
+            );
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod health;
 pub mod mlx_text;
 pub mod openai;
 pub mod prepare;
+pub mod request_id;
 pub mod routes;
 pub mod scheduler_service;
 pub mod service;

@@ -16,6 +16,7 @@ use crate::{
         errors::ApiError,
         types::{CommonParams, StopParam},
     },
+    request_id::RequestName,
 };
 
 /// The most stop strings a request may carry, as in OpenAI's API.
@@ -36,6 +37,14 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
+/// What the HTTP edge knows of a request besides its body.
+pub struct Edge<'a> {
+    /// Its headers (`x-priority`).
+    pub headers: &'a HeaderMap,
+    /// Its name (`x-request-id`).
+    pub name: &'a RequestName,
+}
+
 /// Fails with 404 unless `model` is the one this server serves.
 pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model == state.model.id() {
@@ -52,8 +61,9 @@ pub fn prepare(
     prompt_tokens: Vec<u32>,
     prompt_param: &str,
     params: &CommonParams,
-    headers: &HeaderMap,
+    edge: &Edge<'_>,
 ) -> Result<Prepared, ApiError> {
+    let headers = edge.headers;
     if let Some(n) = params.n {
         if n != 1 {
             return Err(ApiError::invalid_param(
@@ -85,7 +95,8 @@ pub fn prepare(
     let prompt_len = prompt_tokens.len();
     Ok(Prepared {
         request: NewRequest {
-            request_id: state.next_request_id(),
+            request_id: 0,
+            name: Some(edge.name.0.clone()),
             model_id: state.model.id().to_owned(),
             prompt_tokens,
             max_tokens,
@@ -98,6 +109,7 @@ pub fn prepare(
             stop,
             eos_token_ids: state.model.eos_token_ids(),
             prompt_tokens: prompt_len,
+            request_name: edge.name.0.clone(),
         },
         stream: params.stream.unwrap_or(false),
         include_usage: params

@@ -671,3 +671,59 @@ async fn a_step_that_does_not_return_fails_liveness_as_stalled() {
     let (status, health) = s.get_json("/health").await;
     assert_eq!(status, 200, "idle again after the step: {health}");
 }
+
+#[tokio::test]
+async fn a_request_keeps_one_identity_from_the_header_to_the_response() {
+    let s = TestServer::start(Options::default()).await;
+    // The client's x-request-id is honoured: returned, and the response id's
+    // suffix, streamed or not.
+    for stream in [false, true] {
+        let mut body = chat_body("x", 2);
+        body["stream"] = json!(stream);
+        let resp = s
+            .client
+            .post(s.url("/v1/chat/completions"))
+            .header("x-request-id", "client-abc.123")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-request-id"], "client-abc.123");
+        let text = resp.text().await.unwrap();
+        assert!(
+            text.contains("\"id\":\"chatcmpl-client-abc.123\""),
+            "stream={stream}: {text}"
+        );
+    }
+    // Without one, the server names the request, and the name is the id's
+    // suffix too.
+    let (status, headers, answer) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "a", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let name = headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(name.len(), 24, "{name}");
+    assert_eq!(answer["id"], format!("cmpl-{name}"));
+    // Errors carry it as well.
+    let (status, headers, _) = s
+        .post("/v1/completions", &json!({"model": "nope", "prompt": "a"}))
+        .await;
+    assert_eq!(status, 404);
+    assert!(headers.contains_key("x-request-id"));
+    // One that cannot be an id is refused, naming the header.
+    let resp = s
+        .client
+        .post(s.url("/v1/completions"))
+        .header("x-request-id", "has space")
+        .json(&json!({"model": MODEL, "prompt": "a", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "x-request-id", "{err}");
+}

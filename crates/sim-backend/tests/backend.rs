@@ -49,7 +49,7 @@ impl Tables {
             items: items
                 .iter()
                 .map(|&(id, kind)| StepItem {
-                    id: RequestId(id),
+                    id: RequestId::from(id),
                     kind,
                 })
                 .collect(),
@@ -88,8 +88,9 @@ fn chunked_prefill_batching_and_recomputation_give_the_same_tokens() {
 
     let mut b = SimBackend::new(config).unwrap();
     let mut t = Tables::configure(&mut b, 4);
-    b.add_sequence(RequestId(1), &prompt, &sampling).unwrap();
-    b.add_sequence(RequestId(2), &[1], &SamplingParams::default())
+    b.add_sequence(RequestId::from(1), &prompt, &sampling)
+        .unwrap();
+    b.add_sequence(RequestId::from(2), &[1], &SamplingParams::default())
         .unwrap();
     let out = b
         .step(&t.plan(&[
@@ -107,10 +108,11 @@ fn chunked_prefill_batching_and_recomputation_give_the_same_tokens() {
     assert_eq!(got, alone[..2]);
 
     // Preempt and rebuild from prompt + generated: the next tokens continue.
-    b.release(RequestId(1));
+    b.release(RequestId::from(1));
     t.forget(1);
     let context: Vec<u32> = prompt.iter().copied().chain(got.iter().copied()).collect();
-    b.add_sequence(RequestId(1), &context, &sampling).unwrap();
+    b.add_sequence(RequestId::from(1), &context, &sampling)
+        .unwrap();
     let out = b
         .step(&t.plan(&[(1, WorkKind::Prefill { len: context.len() })]))
         .unwrap();
@@ -135,7 +137,7 @@ fn contract_violations_are_refused_and_recorded_without_side_effects() {
         b.step(&t.plan(&[(9, WorkKind::Decode)])),
         Err(SimError::ContractViolation(_))
     ));
-    b.add_sequence(RequestId(1), &[1, 2, 3], &s).unwrap();
+    b.add_sequence(RequestId::from(1), &[1, 2, 3], &s).unwrap();
     assert!(b.step(&t.plan(&[(1, WorkKind::Decode)])).is_err());
     assert!(b
         .step(&t.plan(&[(1, WorkKind::Prefill { len: 4 })]))
@@ -146,7 +148,7 @@ fn contract_violations_are_refused_and_recorded_without_side_effects() {
             (1, WorkKind::Prefill { len: 1 })
         ]))
         .is_err());
-    b.add_sequence(RequestId(2), &[1, 2], &s).unwrap();
+    b.add_sequence(RequestId::from(2), &[1, 2], &s).unwrap();
     assert!(
         b.step(&t.plan(&[
             (1, WorkKind::Prefill { len: 3 }),
@@ -162,8 +164,8 @@ fn contract_violations_are_refused_and_recorded_without_side_effects() {
         .step(&t.plan(&[(1, WorkKind::Prefill { len: 3 })]))
         .is_ok());
     assert_eq!(control.stats().kv_in_use, 3);
-    b.release(RequestId(1));
-    b.release(RequestId(1));
+    b.release(RequestId::from(1));
+    b.release(RequestId::from(1));
     assert_eq!(control.stats().released, 1, "unknown ids are a no-op");
 }
 
@@ -176,14 +178,15 @@ fn block_tables_that_share_move_or_overrun_blocks_are_refused() {
     .unwrap();
     let s = SamplingParams::default();
     let prefill = |id, len| StepItem {
-        id: RequestId(id),
+        id: RequestId::from(id),
         kind: WorkKind::Prefill { len },
     };
     let with = |items: Vec<StepItem>, block_tables: Vec<Vec<u32>>| StepPlan {
         items,
         block_tables,
     };
-    b.add_sequence(RequestId(1), &[1, 2, 3, 4, 5], &s).unwrap();
+    b.add_sequence(RequestId::from(1), &[1, 2, 3, 4, 5], &s)
+        .unwrap();
     assert!(
         b.step(&with(vec![prefill(1, 2)], vec![vec![0]])).is_err(),
         "a plan before configure_kv"
@@ -193,7 +196,7 @@ fn block_tables_that_share_move_or_overrun_blocks_are_refused() {
         num_blocks: 4,
     })
     .unwrap();
-    b.add_sequence(RequestId(2), &[6, 7], &s).unwrap();
+    b.add_sequence(RequestId::from(2), &[6, 7], &s).unwrap();
     let refused = [
         with(vec![prefill(1, 5)], vec![vec![0]]),
         with(vec![prefill(1, 2)], vec![vec![4]]),
@@ -221,8 +224,8 @@ fn block_tables_that_share_move_or_overrun_blocks_are_refused() {
     assert_eq!(stats.violations.len(), 7, "{:?}", stats.violations);
     assert_eq!(stats.blocks_in_use, 3);
     // A released sequence's blocks are free for others.
-    b.release(RequestId(2));
-    b.add_sequence(RequestId(3), &[9], &s).unwrap();
+    b.release(RequestId::from(2));
+    b.add_sequence(RequestId::from(3), &[9], &s).unwrap();
     b.step(&with(vec![prefill(3, 1)], vec![vec![1]])).unwrap();
 }
 
@@ -232,24 +235,24 @@ fn injected_faults_hit_once_and_leave_others_running() {
     let mut t = Tables::configure(&mut b, 4);
     let control = b.control();
     let s = SamplingParams::default();
-    b.add_sequence(RequestId(1), &[1], &s).unwrap();
-    b.add_sequence(RequestId(2), &[2], &s).unwrap();
+    b.add_sequence(RequestId::from(1), &[1], &s).unwrap();
+    b.add_sequence(RequestId::from(2), &[2], &s).unwrap();
     control.fail_next_steps(1);
     let both = t.plan(&[
         (1, WorkKind::Prefill { len: 1 }),
         (2, WorkKind::Prefill { len: 1 }),
     ]);
     assert_eq!(b.step(&both), Err(SimError::InjectedStepFailure));
-    control.fail_sequence(RequestId(2));
+    control.fail_sequence(RequestId::from(2));
     let out = b.step(&both).unwrap();
     assert!(matches!(out.results[0].outcome, SequenceOutcome::Token(_)));
     assert!(matches!(out.results[1].outcome, SequenceOutcome::Failed(_)));
-    control.fail_add(RequestId(3));
+    control.fail_add(RequestId::from(3));
     assert_eq!(
-        b.add_sequence(RequestId(3), &[1], &s),
-        Err(SimError::InjectedAddFailure(RequestId(3)))
+        b.add_sequence(RequestId::from(3), &[1], &s),
+        Err(SimError::InjectedAddFailure(RequestId::from(3)))
     );
-    assert!(b.add_sequence(RequestId(3), &[1], &s).is_ok());
+    assert!(b.add_sequence(RequestId::from(3), &[1], &s).is_ok());
     let stats = control.stats();
     assert_eq!((stats.steps, stats.failed_steps), (2, 1));
 }
@@ -268,8 +271,8 @@ fn the_cost_model_advances_a_manual_clock() {
     .unwrap();
     let mut t = Tables::configure(&mut b, 4);
     let s = SamplingParams::default();
-    b.add_sequence(RequestId(1), &[1, 2, 3], &s).unwrap();
-    b.add_sequence(RequestId(2), &[4], &s).unwrap();
+    b.add_sequence(RequestId::from(1), &[1, 2, 3], &s).unwrap();
+    b.add_sequence(RequestId::from(2), &[4], &s).unwrap();
     b.step(&t.plan(&[(1, WorkKind::Prefill { len: 3 })]))
         .unwrap();
     assert_eq!(clock.now() - t0, Duration::from_millis(13));

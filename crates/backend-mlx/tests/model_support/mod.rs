@@ -294,7 +294,7 @@ pub fn generate_batched(
     }
     let mut seqs: Vec<S> = (0..prompts.len())
         .map(|i| S {
-            id: RequestId(1000 + i as u64),
+            id: RequestId::from(1000 + i as u64),
             prefilled: 0,
             out: Vec::new(),
             added: false,

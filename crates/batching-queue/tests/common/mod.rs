@@ -27,7 +27,7 @@ impl Item {
 
 impl QueueItem for Item {
     fn id(&self) -> RequestId {
-        RequestId(self.id)
+        RequestId::from(self.id)
     }
 
     fn base_priority(&self) -> Priority {

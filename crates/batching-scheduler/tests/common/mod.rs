@@ -39,6 +39,7 @@ pub fn engine(config: SchedulerConfig, kv_tokens: usize) -> (SimEngine, ManualCl
 pub fn request(prompt_len: usize, max_tokens: usize, priority: Priority) -> NewRequest {
     NewRequest {
         request_id: 0,
+        name: None,
         model_id: "sim".into(),
         prompt_tokens: (1..=prompt_len as u32).collect(),
         max_tokens,
@@ -95,5 +96,5 @@ pub fn run_to_idle(engine: &mut SimEngine, max_steps: usize) -> Vec<String> {
 }
 
 pub fn ids(ids: &[RequestId]) -> Vec<u64> {
-    ids.iter().map(|id| id.0).collect()
+    ids.iter().map(|id| id.seq()).collect()
 }

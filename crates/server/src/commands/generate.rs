@@ -48,6 +48,7 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         model_id: model.id().to_owned(),
         prompt_tokens: tokens,
         max_tokens: args.max_tokens,
+        name: Some("generate".to_owned()),
         sampling: SamplingParams {
             temperature: args.temperature,
             seed: args.seed,
@@ -67,6 +68,7 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             stop: Vec::new(),
             eos_token_ids: model.eos_token_ids(),
             prompt_tokens,
+            request_name: "generate".to_owned(),
         },
     );
     let mut out = std::io::stdout();

@@ -4,7 +4,7 @@ use axum::{
     extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use futures::{stream, StreamExt};
 
@@ -19,7 +19,8 @@ use crate::{
             ChatCompletionRequest, ChatDelta, ChatMessageIn, MessageContent,
         },
     },
-    prepare::{check_model, prepare},
+    prepare::{check_model, prepare, Edge},
+    request_id::RequestName,
     routes::{
         streaming::{first_step, items, StreamItem},
         unix_now,
@@ -35,6 +36,7 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Extension(name): Extension<RequestName>,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
@@ -47,8 +49,17 @@ pub async fn handler(
         .model
         .encode(&prompt)
         .map_err(|e| ApiError::invalid_param("messages", format!("tokenizer: {e:#}")))?;
-    let prepared = prepare(&state, tokens, "messages", &body.params, &headers)?;
-    let id = format!("chatcmpl-{}", prepared.request.request_id);
+    let prepared = prepare(
+        &state,
+        tokens,
+        "messages",
+        &body.params,
+        &Edge {
+            headers: &headers,
+            name: &name,
+        },
+    )?;
+    let id = format!("chatcmpl-{}", name.0);
     let created = unix_now();
     let model = body.model;
     let events = state.engine.submit(prepared.request)?;

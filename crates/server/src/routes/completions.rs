@@ -4,7 +4,7 @@ use axum::{
     extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use futures::{stream, StreamExt};
 
@@ -16,7 +16,8 @@ use crate::{
         extract::OpenAiJson,
         types::{CompletionRequest, PromptParam, TextChoice, TextCompletion, UsageOut},
     },
-    prepare::{check_model, prepare},
+    prepare::{check_model, prepare, Edge},
+    request_id::RequestName,
     routes::{
         streaming::{first_step, items, StreamItem},
         unix_now,
@@ -28,6 +29,7 @@ use crate::{
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Extension(name): Extension<RequestName>,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
@@ -38,9 +40,18 @@ pub async fn handler(
         ));
     }
     let tokens = prompt_tokens(&state, &body.prompt)?;
-    let prepared = prepare(&state, tokens, "prompt", &body.params, &headers)?;
+    let prepared = prepare(
+        &state,
+        tokens,
+        "prompt",
+        &body.params,
+        &Edge {
+            headers: &headers,
+            name: &name,
+        },
+    )?;
     let shape = Shape {
-        id: format!("cmpl-{}", prepared.request.request_id),
+        id: format!("cmpl-{}", name.0),
         created: unix_now(),
         model: body.model,
         include_usage: prepared.include_usage,
