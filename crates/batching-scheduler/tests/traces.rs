@@ -609,3 +609,34 @@ fn at_shutdown_a_paused_stream_finishes_within_the_grace_and_unstarted_work_is_c
         }] if m.contains("before the request started")
     ));
 }
+
+/// Stops after a fixed number of delivered tokens, like a stop string that
+/// completes with the n-th token.
+struct StopAfter(usize);
+
+impl batching_types::StopCondition for StopAfter {
+    fn on_token(&mut self, _token: u32) -> bool {
+        self.0 = self.0.saturating_sub(1);
+        self.0 == 0
+    }
+}
+
+#[test]
+fn a_stop_condition_ends_the_request_as_a_stop_in_the_step_that_matched() {
+    let (mut e, _clock) = engine(small(2, 64, 4), 256);
+    let mut req = request(4, 10, Priority::Normal);
+    req.sampling.stop_condition = Some(batching_types::SharedStopCondition::new(StopAfter(3)));
+    let (id, mut rx) = e.submit(req).unwrap();
+    let mut steps = 0;
+    while e.has_work() {
+        let t = e.step();
+        steps += 1;
+        if steps == 3 {
+            assert_eq!(t.finished, vec![(id, FinishReason::Stop)], "{t}");
+        }
+        assert!(steps <= 3, "a step ran after the match: {t}");
+    }
+    let (tokens, reason) = tokens_and_finish(&drain(&mut rx));
+    assert_eq!((tokens.len(), reason), (3, FinishReason::Stop));
+    assert_eq!(e.status().kv_blocks_used, 0);
+}

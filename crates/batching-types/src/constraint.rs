@@ -32,31 +32,60 @@ pub trait TokenConstraint: Send {
 
 /// A constraint shared by a request and the backend that samples for it;
 /// clones share one grammar state.
-#[derive(Clone)]
-pub struct SharedConstraint(Arc<Mutex<dyn TokenConstraint>>);
+pub type SharedConstraint = Shared<dyn TokenConstraint>;
 
-impl SharedConstraint {
+impl Shared<dyn TokenConstraint> {
     /// Shares `constraint`.
     pub fn new(constraint: impl TokenConstraint + 'static) -> Self {
         Self(Arc::new(Mutex::new(constraint)))
     }
+}
 
-    /// Exclusive access to the grammar state. A panic in another holder
-    /// cannot leave a half-advanced grammar behind (every method either
-    /// advances or fails), so a poisoned lock is used as it is.
-    pub fn lock(&self) -> MutexGuard<'_, dyn TokenConstraint + 'static> {
+/// Decides, token by token, whether a request is done: the server's stop
+/// strings, matched on the text as the engine delivers each token, so a
+/// match ends the request at once, as a stop, before another step runs.
+pub trait StopCondition: Send {
+    /// Takes the next delivered token; true when the request must stop.
+    fn on_token(&mut self, token: u32) -> bool;
+}
+
+/// A stop condition handed to the engine with a request.
+pub type SharedStopCondition = Shared<dyn StopCondition>;
+
+impl Shared<dyn StopCondition> {
+    /// Shares `condition`.
+    pub fn new(condition: impl StopCondition + 'static) -> Self {
+        Self(Arc::new(Mutex::new(condition)))
+    }
+}
+
+/// State shared by a request and the engine parts that advance it (its
+/// grammar, its stop condition); clones share one state.
+pub struct Shared<T: ?Sized>(Arc<Mutex<T>>);
+
+impl<T: ?Sized> Shared<T> {
+    /// Exclusive access to the state. Every method of the shared traits
+    /// either advances the state or fails, so a lock poisoned by a panic
+    /// elsewhere holds no half-made change and is used as it is.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl std::fmt::Debug for SharedConstraint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SharedConstraint")
+impl<T: ?Sized> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
     }
 }
 
-/// Two handles are equal when they share one grammar state.
-impl PartialEq for SharedConstraint {
+impl<T: ?Sized> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared(..)")
+    }
+}
+
+/// Two handles are equal when they share one state.
+impl<T: ?Sized> PartialEq for Shared<T> {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }

@@ -26,7 +26,10 @@ pub use backend::{
     StepOutput, StepPlan, WorkKind,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use constraint::{mask_allows, ConstraintError, SharedConstraint, TokenConstraint};
+pub use constraint::{
+    mask_allows, ConstraintError, Shared, SharedConstraint, SharedStopCondition, StopCondition,
+    TokenConstraint,
+};
 pub use error::TypesError;
 pub use event::{
     event_channel, EventReceiver, EventSender, FinishReason, OutputEvent, TokenLogprobs, Usage,

@@ -1,6 +1,6 @@
 //! Per-request sampling parameters.
 
-use crate::{SharedConstraint, TypesError};
+use crate::{SharedConstraint, SharedStopCondition, TypesError};
 
 /// How the next token is chosen from the model's logits.
 ///
@@ -48,6 +48,8 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// A grammar the output must follow (structured output, tool calls).
     pub constraint: Option<SharedConstraint>,
+    /// Ends the request, as a stop, when it says so (stop strings).
+    pub stop_condition: Option<SharedStopCondition>,
 }
 
 impl Default for SamplingParams {
@@ -65,6 +67,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             logprobs: None,
             constraint: None,
+            stop_condition: None,
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use axum::http::HeaderMap;
-use batching_types::{NewRequest, Priority, SamplingParams, TypesError};
+use batching_types::{NewRequest, Priority, SamplingParams, SharedStopCondition, TypesError};
 
 use crate::{
     app::AppState,
@@ -17,6 +17,7 @@ use crate::{
         types::{CommonParams, StopParam},
     },
     request_id::RequestName,
+    stop::StopStrings,
 };
 
 /// The most stop strings a request may carry, as in OpenAI's API.
@@ -86,9 +87,16 @@ pub fn prepare(
         ));
     }
     let max_tokens = max_tokens(state, prompt_tokens.len(), prompt_param, params)?;
-    let sampling = sampling(state, params)?;
+    let mut sampling = sampling(state, params)?;
     let priority = priority(params, headers)?;
     let stop = stop_strings(params.stop.as_ref())?;
+    if !stop.is_empty() {
+        sampling.stop_condition = Some(SharedStopCondition::new(StopStrings::new(
+            state.model.decoder(),
+            stop.clone(),
+            state.model.eos_token_ids(),
+        )));
+    }
     if let Some(user) = &params.user {
         tracing::debug!(user, "request from user");
     }

@@ -5,6 +5,46 @@
 //! string and releases it only once it cannot. The stop string itself is
 //! never released: OpenAI's API returns the text before it.
 
+use batching_types::StopCondition;
+
+use crate::text_model::StreamDecoder;
+
+/// Stop strings as the engine checks them, token by token as it delivers
+/// them: the same decoding and matching as the response's own, run on the
+/// engine thread, so that a match ends the request before another step is
+/// planned and counts as a stop, not as a client going away.
+pub struct StopStrings {
+    decoder: Box<dyn StreamDecoder>,
+    matcher: StopMatcher,
+    eos: Vec<u32>,
+}
+
+impl StopStrings {
+    /// Checks `stops` on the text `decoder` makes of the tokens; `eos`
+    /// tokens are no text (the engine stops on them by itself).
+    pub fn new(decoder: Box<dyn StreamDecoder>, stops: Vec<String>, eos: Vec<u32>) -> Self {
+        Self {
+            decoder,
+            matcher: StopMatcher::new(stops),
+            eos,
+        }
+    }
+}
+
+impl StopCondition for StopStrings {
+    fn on_token(&mut self, token: u32) -> bool {
+        if self.eos.contains(&token) {
+            return false;
+        }
+        // A token that cannot be decoded is reported by the response's own
+        // reader; here it simply matches nothing.
+        let Ok(text) = self.decoder.push(token) else {
+            return false;
+        };
+        matches!(self.matcher.push(&text), StopOutcome::Stopped(_))
+    }
+}
+
 /// What [`StopMatcher::push`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopOutcome {

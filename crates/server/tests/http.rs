@@ -146,10 +146,20 @@ async fn a_stop_string_cuts_the_text_before_it_with_finish_reason_stop() {
     let stop: String = full[20..23].to_owned();
     let cut = &full[..full.find(&stop).unwrap()];
     let body = json!({"model": MODEL, "prompt": "Once upon", "max_tokens": 40, "stop": [stop]});
+    let steps_before = s.control.stats().steps;
     let (status, _, plain) = s.post("/v1/completions", &body).await;
     assert_eq!(status, 200, "{plain}");
     assert_eq!(plain["choices"][0]["text"], cut);
     assert_eq!(plain["choices"][0]["finish_reason"], "stop");
+    // The engine matched the stop string itself: the request ended with
+    // the token that completed it (one step per token, the first from the
+    // prefill), not one step later when the client let go.
+    s.wait_idle().await;
+    let tokens_to_stop = full.find(&stop).unwrap() + stop.len();
+    assert_eq!(
+        s.control.stats().steps - steps_before,
+        tokens_to_stop as u64
+    );
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
@@ -170,7 +180,7 @@ async fn a_stop_string_cuts_the_text_before_it_with_finish_reason_stop() {
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "stop"
     );
-    // The request stopped early, so the engine cancels it and frees its blocks.
+    // The request stopped early and freed its blocks.
     s.wait_idle().await;
 }
 

@@ -131,13 +131,16 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             None => {}
         }
         a.last_token_at = Some(now);
-        let grammar_done = a
-            .req
-            .sampling
+        let sampling = &a.req.sampling;
+        let grammar_done = sampling
             .constraint
             .as_ref()
             .is_some_and(|c| c.lock().is_finished());
-        let reason = if a.req.sampling.stop_token_ids.contains(&token) || grammar_done {
+        let stop_matched = sampling
+            .stop_condition
+            .as_ref()
+            .is_some_and(|c| c.lock().on_token(token));
+        let reason = if sampling.stop_token_ids.contains(&token) || grammar_done || stop_matched {
             Some(FinishReason::Stop)
         } else if a.req.generated_tokens.len() >= a.req.max_tokens {
             Some(FinishReason::Length)
