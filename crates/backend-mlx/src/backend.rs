@@ -110,6 +110,9 @@ pub struct MlxBackend {
     /// row of each sequence that sampled, kept for inspection and tests.
     last_logits: Option<(mlx_rs::Array, HashMap<RequestId, usize>)>,
     profiler: Profiler,
+    /// The memory limit, when one is set: steps that would not fit are
+    /// refused before they run.
+    memory_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for MlxBackend {
@@ -158,9 +161,7 @@ impl MlxBackend {
             }
         };
         if kv_tokens == 0 {
-            return Err(BackendError::Sequence(
-                "the KV budget holds no token; raise kv_tokens or kv_memory_bytes".into(),
-            ));
+            return Err(BackendError::NoKvBudget);
         }
         let mut cache_limit = options.cache_limit;
         if let Some(limit) = options.memory_limit {
@@ -193,6 +194,7 @@ impl MlxBackend {
             info,
             last_logits: None,
             profiler: Profiler::default(),
+            memory_limit: options.memory_limit,
         })
     }
 
@@ -333,15 +335,14 @@ impl Backend for MlxBackend {
         if blocks.block_size == 0
             || blocks.num_blocks.saturating_mul(blocks.block_size) > self.capacity.kv_tokens
         {
-            return Err(BackendError::Sequence(format!(
-                "{} KV blocks of {} tokens do not fit in the {} KV tokens this backend holds",
-                blocks.num_blocks, blocks.block_size, self.capacity.kv_tokens
-            )));
+            return Err(BackendError::KvLayout {
+                num_blocks: blocks.num_blocks,
+                block_size: blocks.block_size,
+                kv_tokens: self.capacity.kv_tokens,
+            });
         }
         if !self.sequences.is_empty() {
-            return Err(BackendError::Sequence(
-                "the KV layout cannot change while sequences are registered".into(),
-            ));
+            return Err(BackendError::KvLayoutInUse);
         }
         self.pool.configure(blocks);
         Ok(())
@@ -354,38 +355,36 @@ impl Backend for MlxBackend {
         sampling: &SamplingParams,
     ) -> Result<(), Self::Error> {
         if self.sequences.contains_key(&id) {
-            return Err(BackendError::Sequence(format!(
-                "{id} is already registered"
-            )));
+            return Err(BackendError::DuplicateSequence(id));
         }
         if context.is_empty() {
-            return Err(BackendError::Sequence(format!("{id} has an empty context")));
+            return Err(BackendError::EmptyContext(id));
         }
         if context.len() >= self.capacity.max_context {
-            return Err(BackendError::Sequence(format!(
-                "{id}: {} context tokens leave no room in the model's context of {}",
-                context.len(),
-                self.capacity.max_context
-            )));
+            return Err(BackendError::ContextTooLong {
+                id,
+                tokens: context.len(),
+                max_context: self.capacity.max_context,
+            });
         }
         let vocab = self.info.vocab_size as u32;
         if let Some(bad) = context.iter().find(|&&t| t >= vocab) {
-            return Err(BackendError::Sequence(format!(
-                "{id}: token {bad} is outside the vocabulary of {vocab}"
-            )));
+            return Err(BackendError::TokenOutOfVocab {
+                id,
+                token: *bad,
+                vocab,
+            });
         }
         sampling
             .validate()
-            .map_err(|e| BackendError::Sequence(format!("{id}: {e}")))?;
+            .map_err(|source| BackendError::InvalidSampling { id, source })?;
         // Unseeded requests get a seed now, so that a preempted request
         // recomputed later still draws the same tokens.
         let seed = sampling
             .seed
             .unwrap_or_else(|| RandomState::new().hash_one(id.seq()));
         if self.pool.blocks().is_none() {
-            return Err(BackendError::Sequence(
-                "configure_kv must come before any sequence".into(),
-            ));
+            return Err(BackendError::KvNotConfigured);
         }
         self.sequences.insert(
             id,
@@ -404,13 +403,15 @@ impl Backend for MlxBackend {
     fn use_cached_prefix(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error> {
         let bs = self.pool.blocks().map_or(0, |b| b.block_size);
         let Some(seq) = self.sequences.get_mut(&id) else {
-            return Err(BackendError::Sequence(format!("{id} is not registered")));
+            return Err(BackendError::UnknownSequence(id));
         };
         if seq.cached != 0 || tokens >= seq.context.len() || bs == 0 || !tokens.is_multiple_of(bs) {
-            return Err(BackendError::Sequence(format!(
-                "{id}: a cached prefix of {tokens} tokens does not fit its {} context tokens in blocks of {bs}",
-                seq.context.len()
-            )));
+            return Err(BackendError::CachedPrefix {
+                id,
+                tokens,
+                context: seq.context.len(),
+                block_size: bs,
+            });
         }
         seq.prefilled = tokens;
         seq.cached = tokens;
@@ -446,6 +447,7 @@ impl Backend for MlxBackend {
             }
         }
 
+        self.check_memory(&batch)?;
         self.last_logits = None;
         let logits = self
             .model
@@ -469,10 +471,7 @@ impl Backend for MlxBackend {
                 }
                 Planned::Sample(row, position) => {
                     let Some(row_logits) = host.get(row * vocab..(row + 1) * vocab) else {
-                        return Err(BackendError::Sequence(format!(
-                            "{}: no logits row {row}",
-                            item.id
-                        )));
+                        return Err(BackendError::MissingLogits { id: item.id, row });
                     };
                     let Some(seq) = self.sequences.get_mut(&item.id) else {
                         results.push(SequenceResult {
@@ -520,6 +519,32 @@ impl Backend for MlxBackend {
 }
 
 impl MlxBackend {
+    /// Refuses a step whose working set would not fit in the memory limit
+    /// beside the weights and the whole KV budget (which the pool may still
+    /// grow into), before anything changes: the scheduler then retries with
+    /// less work. MLX's CPU allocator never fails at its limit, it only
+    /// waits, and past the machine's memory the process is killed: this
+    /// check is what turns memory pressure into an error that can be shed.
+    fn check_memory(&self, batch: &StepBatch<'_>) -> Result<(), BackendError> {
+        let Some(limit) = self.memory_limit else {
+            return Ok(());
+        };
+        let bs = self.pool.blocks().map_or(1, |b| b.block_size);
+        let needed = self.model.step_working_set(batch, bs);
+        let active = mlx_rs::memory::active_memory()? as u64;
+        let kv_budget = self.capacity.kv_tokens as u64
+            * self.model.kv_layout().bytes_per_token(self.model.dtype()) as u64;
+        let unallocated_kv = kv_budget.saturating_sub(self.pool.allocated_bytes() as u64);
+        if active + unallocated_kv + needed > limit {
+            return Err(BackendError::OutOfMemory {
+                needed_mib: needed >> 20,
+                active_mib: (active + unallocated_kv) >> 20,
+                limit_mib: limit >> 20,
+            });
+        }
+        Ok(())
+    }
+
     /// Records what a successful item wrote into the cache.
     fn advance(&mut self, id: RequestId, kind: WorkKind) {
         let Some(seq) = self.sequences.get_mut(&id) else {

@@ -1,5 +1,7 @@
 //! The one error enum of this crate.
 
+use batching_types::{Failure, FailureKind, RequestId, TypesError};
+
 use crate::Device;
 
 /// Everything that can go wrong in the MLX backend.
@@ -50,10 +52,100 @@ pub enum BackendError {
     /// The chat template is missing, invalid or raised an exception.
     #[error("chat template: {0}")]
     Template(String),
-    /// A sequence was added with bad arguments (an id in use, an empty or
-    /// too long context, invalid sampling parameters).
-    #[error("sequence: {0}")]
-    Sequence(String),
+    /// A dtype name other than f32, f16, bf16 or native.
+    #[error("unknown dtype {0:?}: expected f32, f16, bf16 or native")]
+    UnknownDType(String),
+    /// The KV budget is too small for a single token.
+    #[error("the KV budget holds no token; raise kv_tokens or kv_memory_bytes")]
+    NoKvBudget,
+    /// A block layout the budget cannot hold.
+    #[error("{num_blocks} KV blocks of {block_size} tokens do not fit in the {kv_tokens} KV tokens this backend holds")]
+    KvLayout {
+        /// Blocks asked for.
+        num_blocks: usize,
+        /// Tokens per block.
+        block_size: usize,
+        /// Tokens the budget holds.
+        kv_tokens: usize,
+    },
+    /// The layout was set again while sequences are registered.
+    #[error("the KV layout cannot change while sequences are registered")]
+    KvLayoutInUse,
+    /// A sequence came before the KV layout.
+    #[error("configure_kv must come before any sequence")]
+    KvNotConfigured,
+    /// A sequence id that is already registered.
+    #[error("{0} is already registered")]
+    DuplicateSequence(RequestId),
+    /// A sequence id that is not registered.
+    #[error("{0} is not registered")]
+    UnknownSequence(RequestId),
+    /// A sequence with no context tokens.
+    #[error("{0} has an empty context")]
+    EmptyContext(RequestId),
+    /// A context that fills the model's whole context length.
+    #[error("{id}: {tokens} context tokens leave no room in the model's context of {max_context}")]
+    ContextTooLong {
+        /// The sequence.
+        id: RequestId,
+        /// Its context tokens.
+        tokens: usize,
+        /// The model's context length.
+        max_context: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("{id}: token {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfVocab {
+        /// The sequence.
+        id: RequestId,
+        /// The token.
+        token: u32,
+        /// The vocabulary size.
+        vocab: u32,
+    },
+    /// Sampling parameters out of range.
+    #[error("{id}: {source}")]
+    InvalidSampling {
+        /// The sequence.
+        id: RequestId,
+        /// What is wrong, naming the parameter.
+        source: TypesError,
+    },
+    /// A prefix-cache claim that does not fit the sequence.
+    #[error("{id}: a cached prefix of {tokens} tokens does not fit its {context} context tokens in blocks of {block_size}")]
+    CachedPrefix {
+        /// The sequence.
+        id: RequestId,
+        /// Tokens claimed.
+        tokens: usize,
+        /// Its context tokens.
+        context: usize,
+        /// Tokens per block.
+        block_size: usize,
+    },
+    /// The step produced fewer logits rows than it sampled (a bug).
+    #[error("{id}: no logits row {row}")]
+    MissingLogits {
+        /// The sequence.
+        id: RequestId,
+        /// The row it should have had.
+        row: usize,
+    },
+    /// A step whose working set would not fit in the memory limit, refused
+    /// before it ran (so nothing changed). MLX's CPU allocator never fails
+    /// at its limit (it only waits), and past the machine's memory the
+    /// process is killed, so the backend checks first.
+    #[error(
+        "out of memory: the step needs about {needed_mib} MiB beside the {active_mib} MiB in use, over the limit of {limit_mib} MiB"
+    )]
+    OutOfMemory {
+        /// What the step's temporaries would take.
+        needed_mib: u64,
+        /// What MLX holds now (weights, KV pool, kept temporaries).
+        active_mib: u64,
+        /// The memory limit.
+        limit_mib: u64,
+    },
     /// The weights and the KV budget do not fit in the memory limit.
     #[error(
         "the weights ({weights_mib} MiB) and the KV budget ({kv_mib} MiB) do not fit in the memory limit of {limit_mib} MiB; lower the KV memory or raise the limit"
@@ -66,4 +158,35 @@ pub enum BackendError {
         /// The limit, in MiB.
         limit_mib: u64,
     },
+}
+
+impl Failure for BackendError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::OutOfMemory { .. } => FailureKind::OutOfMemory,
+            Self::EmptyContext(_)
+            | Self::ContextTooLong { .. }
+            | Self::TokenOutOfVocab { .. }
+            | Self::InvalidSampling { .. } => FailureKind::InvalidRequest,
+            Self::UnknownDevice(_)
+            | Self::DeviceUnavailable(_)
+            | Self::UnknownDType(_)
+            | Self::Io { .. }
+            | Self::MlxIo(_)
+            | Self::Config { .. }
+            | Self::Weights { .. }
+            | Self::Tokenizer(_)
+            | Self::Template(_)
+            | Self::NoKvBudget
+            | Self::MemoryLimit { .. } => FailureKind::Unavailable,
+            Self::Mlx(_)
+            | Self::KvLayout { .. }
+            | Self::KvLayoutInUse
+            | Self::KvNotConfigured
+            | Self::DuplicateSequence(_)
+            | Self::UnknownSequence(_)
+            | Self::CachedPrefix { .. }
+            | Self::MissingLogits { .. } => FailureKind::Internal,
+        }
+    }
 }

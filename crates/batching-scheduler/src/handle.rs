@@ -9,11 +9,15 @@ use std::{
 };
 
 use batching_types::{
-    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, NewRequest,
-    OutputEvent, RequestId, Usage,
+    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FailureKind, FinishReason,
+    NewRequest, OutputEvent, RequestId, Usage,
 };
 
-use crate::{shared::Shared, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
+use crate::{
+    error::{BuildPanicked, ThreadStart},
+    shared::Shared,
+    Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus,
+};
 
 /// What a handle sends to the engine thread.
 enum Command {
@@ -71,6 +75,7 @@ impl RequestStream {
                         cached_tokens: 0,
                     },
                     message: Some("the engine stopped".into()),
+                    failure: Some(FailureKind::Internal),
                 }))
             }
         }
@@ -138,7 +143,7 @@ impl SchedulerHandle {
                 let backend = match factory() {
                     Ok(backend) => backend,
                     Err(err) => {
-                        let _ = ready_tx.send(Err(SchedulerError::Backend(err.to_string())));
+                        let _ = ready_tx.send(Err(SchedulerError::backend(err)));
                         return;
                     }
                 };
@@ -158,9 +163,7 @@ impl SchedulerHandle {
                 }
                 run_loop(engine, inbox);
             })
-            .map_err(|e| {
-                SchedulerError::Backend(format!("could not start the engine thread: {e}"))
-            })?;
+            .map_err(|e| SchedulerError::backend(ThreadStart(e)))?;
         let shared = match ready_rx.recv() {
             Ok(Ok(shared)) => shared,
             Ok(Err(err)) => {
@@ -169,9 +172,7 @@ impl SchedulerHandle {
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(SchedulerError::Backend(
-                    "the engine thread panicked while building the backend".into(),
-                ));
+                return Err(SchedulerError::backend(BuildPanicked));
             }
         };
         Ok(Self {
@@ -311,6 +312,7 @@ impl Drop for Inbox {
                         cached_tokens: 0,
                     },
                     message: Some("the engine stopped before the request started".into()),
+                    failure: None,
                 });
             }
         }
@@ -427,6 +429,7 @@ mod tests {
                         cached_tokens: 0,
                     },
                     message: Some("the engine stopped".into()),
+                    failure: Some(FailureKind::Internal),
                 }
             ]
         );
@@ -439,6 +442,7 @@ mod tests {
             reason: FinishReason::Length,
             usage: Usage::default(),
             message: None,
+            failure: None,
         };
         tx.send(finished.clone()).unwrap();
         assert_eq!(stream.next_event().await, Some(finished));

@@ -66,7 +66,7 @@ pub use blocks::BlockAllocator;
 pub use bound::{WaitBound, WaitBoundInputs};
 pub use config::{ContextOverflow, SchedulerConfig};
 pub use engine::Scheduler;
-pub use error::SchedulerError;
+pub use error::{BackendSource, BuildPanicked, SchedulerError, ThreadStart};
 pub use handle::{RequestStream, SchedulerHandle};
 pub use shared::SchedulerStatus;
 pub use trace::StepTrace;

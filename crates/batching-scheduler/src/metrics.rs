@@ -57,15 +57,21 @@ pub const KV_POOL_BYTES: &str = "mlx_batch_kv_pool_bytes";
 pub const CANCELLATIONS: &str = "mlx_batch_cancellations_total";
 /// Counter: tokens generated and delivered.
 pub const TOKENS_GENERATED: &str = "mlx_batch_tokens_generated_total";
-/// Counter: whole steps that failed.
+/// Counter: whole steps that failed, by `kind` (see
+/// [`batching_types::FailureKind::as_str`]).
 pub const STEP_FAILURES: &str = "mlx_batch_step_failures_total";
+/// Counter: requests that ended with an error, by `kind`.
+pub const REQUEST_FAILURES: &str = "mlx_batch_request_failures_total";
+/// Gauge: the most tokens a step may feed after running out of memory (0
+/// when no such cap is in force).
+pub const MEMORY_TOKEN_CAP: &str = "mlx_batch_memory_token_cap";
 /// Counter: steps run.
 pub const STEPS: &str = "mlx_batch_steps_total";
 /// Counter: finished requests, by `reason`.
 pub const REQUESTS_FINISHED: &str = "mlx_batch_requests_finished_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 27] = [
     QUEUE_TIME,
     TIME_TO_FIRST_TOKEN,
     INTER_TOKEN_LATENCY,
@@ -89,6 +95,8 @@ pub const ALL: [&str; 25] = [
     CANCELLATIONS,
     TOKENS_GENERATED,
     STEP_FAILURES,
+    REQUEST_FAILURES,
+    MEMORY_TOKEN_CAP,
     STEPS,
     REQUESTS_FINISHED,
 ];

@@ -46,6 +46,8 @@ pub struct SchedulerStatus {
     pub since_progress: Duration,
     /// The backend's memory after the last step.
     pub memory: BackendMemory,
+    /// New work is refused because memory ran short in a recent step.
+    pub shedding: bool,
 }
 
 /// Limits fixed when the engine starts, from the config and the backend.
@@ -67,6 +69,10 @@ pub(crate) struct Shared {
     pending: AtomicUsize,
     pub(crate) alive: AtomicBool,
     pub(crate) shutting_down: AtomicBool,
+    /// New work is refused until this many nanoseconds after `epoch`
+    /// (0: not shedding). A time, not a flag, so that it lapses by itself
+    /// while the engine is idle.
+    shed_until_ns: AtomicU64,
     pub(crate) running: AtomicUsize,
     pub(crate) waiting: AtomicUsize,
     pub(crate) paused: AtomicUsize,
@@ -92,6 +98,7 @@ impl Shared {
             pending: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
+            shed_until_ns: AtomicU64::new(0),
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             paused: AtomicUsize::new(0),
@@ -117,6 +124,9 @@ impl Shared {
         }
         if !self.alive.load(Ordering::Acquire) {
             return Err(SchedulerError::EngineStopped);
+        }
+        if self.shedding(now) {
+            return Err(SchedulerError::Shedding);
         }
         spec.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = event_channel();
@@ -179,6 +189,18 @@ impl Shared {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
+    /// Refuses new work until `until`.
+    pub(crate) fn shed_until(&self, until: Instant) {
+        let ns = until.saturating_duration_since(self.epoch).as_nanos();
+        self.shed_until_ns
+            .store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn shedding(&self, now: Instant) -> bool {
+        let until = self.shed_until_ns.load(Ordering::Relaxed);
+        until != 0 && now < self.epoch + Duration::from_nanos(until)
+    }
+
     /// Records that the engine loop made progress at `now`.
     pub(crate) fn mark_progress(&self, now: Instant) {
         let ns = now.saturating_duration_since(self.epoch).as_nanos();
@@ -207,6 +229,7 @@ impl Shared {
                 cache_bytes: self.memory[2].load(Ordering::Relaxed),
                 kv_bytes: self.memory[3].load(Ordering::Relaxed),
             },
+            shedding: self.shedding(now),
         }
     }
 }

@@ -13,8 +13,8 @@ use std::{
 
 use batching_scheduler::{RequestStream, SchedulerConfig, SchedulerError, SchedulerHandle};
 use batching_types::{
-    Backend, BackendCapacity, BackendMemory, FinishReason, KvBlocks, OutputEvent, Priority,
-    RequestId, SamplingParams, StepOutput, StepPlan, SystemClock,
+    Backend, BackendCapacity, BackendMemory, FailureKind, FinishReason, KvBlocks, OutputEvent,
+    Priority, RequestId, SamplingParams, StepOutput, StepPlan, SystemClock,
 };
 use common::{request, tokens_and_finish};
 use futures::StreamExt;
@@ -199,8 +199,9 @@ fn a_failing_or_panicking_factory_is_reported_by_spawn() {
         })
     })
     .unwrap_err();
+    // The backend's own error is kept as the source, with its kind.
     assert!(
-        matches!(err, SchedulerError::Backend(ref m) if m.contains("vocab")),
+        matches!(&err, SchedulerError::Backend { kind: FailureKind::Unavailable, source } if source.to_string().contains("vocab")),
         "{err}"
     );
     let err = SchedulerHandle::spawn(
@@ -209,7 +210,13 @@ fn a_failing_or_panicking_factory_is_reported_by_spawn() {
         || -> Result<SimBackend, SimError> { panic!("no model") },
     )
     .unwrap_err();
-    assert!(matches!(err, SchedulerError::Backend(_)));
+    assert!(matches!(
+        err,
+        SchedulerError::Backend {
+            kind: FailureKind::Internal,
+            ..
+        }
+    ));
 }
 
 /// A backend that panics in `step` once told to, like a crashing model.

@@ -62,7 +62,7 @@ fn a_run_records_counters_gauges_and_labelled_histograms() {
     };
     assert_eq!(counter(names::TOKENS_GENERATED, &[]), 24);
     assert_eq!(counter(names::CANCELLATIONS, &[]), 1);
-    assert_eq!(counter(names::STEP_FAILURES, &[]), 1);
+    assert_eq!(counter(names::STEP_FAILURES, &["kind=internal"]), 1);
     assert!(counter(names::PREEMPTIONS, &["reason=memory"]) >= 1);
     assert!(
         counter(names::PREEMPTIONS, &["reason=retry"]) >= 1,

@@ -640,3 +640,69 @@ fn a_stop_condition_ends_the_request_as_a_stop_in_the_step_that_matched() {
     assert_eq!((tokens.len(), reason), (3, FinishReason::Stop));
     assert_eq!(e.status().kv_blocks_used, 0);
 }
+
+#[test]
+fn a_step_out_of_memory_sheds_new_work_retries_smaller_and_loses_nothing() {
+    let (mut e, clock) = engine(small(8, 64, 4), 1024);
+    let control = e.backend().control();
+    // Steps of more than ten tokens do not fit for now.
+    control.limit_step_tokens(Some(10));
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| (1..=8).map(|t| r * 100 + t).collect())
+        .collect();
+    let mut rxs = Vec::new();
+    for p in &prompts {
+        let mut req = request(8, 4, Priority::Normal);
+        req.prompt_tokens.clone_from(p);
+        rxs.push(e.submit(req).unwrap().1);
+    }
+    let first = e.step();
+    assert!(
+        first
+            .failure
+            .as_deref()
+            .unwrap_or("")
+            .contains("out of memory"),
+        "{first}"
+    );
+    assert!(
+        e.status().shedding,
+        "new work is refused while memory is short"
+    );
+    assert_eq!(
+        e.submit(request(2, 1, Priority::High)).unwrap_err(),
+        SchedulerError::Shedding
+    );
+    assert_eq!(
+        e.status().consecutive_step_failures,
+        0,
+        "running short of memory is not a liveness failure"
+    );
+    // Halving until the steps fit; nobody is failed or dropped.
+    let mut steps = 1;
+    while e.has_work() && steps < 200 {
+        let t = e.step();
+        assert!(t.num_tokens() <= 48, "{t}");
+        steps += 1;
+    }
+    for (rx, p) in rxs.iter_mut().zip(&prompts) {
+        let (tokens, reason) = tokens_and_finish(&drain(rx));
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(
+            tokens,
+            expected_tokens(p, None, 4, 1000, None),
+            "same tokens as alone"
+        );
+    }
+    // Pressure gone: the cap doubles back and new work is taken again.
+    control.limit_step_tokens(None);
+    clock.advance(Duration::from_secs(3));
+    assert!(!e.status().shedding, "the hold lapses while idle");
+    let (_, mut rx) = e.submit(request(4, 30, Priority::Normal)).unwrap();
+    let mut largest = 0;
+    while e.has_work() {
+        largest = largest.max(e.step().num_tokens());
+    }
+    assert_eq!(tokens_and_finish(&drain(&mut rx)).0.len(), 30);
+    assert!(largest >= 4, "the prompt fed in one step again");
+}

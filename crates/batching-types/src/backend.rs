@@ -7,7 +7,7 @@
 //! one engine thread, which matters for MLX, whose arrays must stay on the
 //! thread that made them.
 
-use crate::{RequestId, SamplingParams, TokenLogprobs};
+use crate::{Failure, RequestId, SamplingParams, TokenLogprobs};
 
 /// What the backend can hold, reported once at start-up and whenever the
 /// scheduler asks.
@@ -151,8 +151,11 @@ pub struct StepOutput {
 /// recomputation. Paused sequences count against `kv_tokens` like running
 /// ones.
 pub trait Backend {
-    /// A failure of the whole backend or of a whole step.
-    type Error: std::error::Error + Send + Sync + 'static;
+    /// A failure of the whole backend or of a whole step. Its kind decides
+    /// what the scheduler does: a step that failed with
+    /// [`crate::FailureKind::OutOfMemory`] changed nothing and is retried
+    /// with less work.
+    type Error: Failure;
 
     /// What the backend can hold.
     fn capacity(&self) -> BackendCapacity;

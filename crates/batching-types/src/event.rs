@@ -4,6 +4,8 @@ use std::fmt;
 
 use tokio::sync::mpsc;
 
+use crate::FailureKind;
+
 /// Why a request stopped producing tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FinishReason {
@@ -84,6 +86,8 @@ pub enum OutputEvent {
         usage: Usage,
         /// A human-readable explanation for `Error` and `Timeout`.
         message: Option<String>,
+        /// For `Error`, what kind of failure it was (the client's error code).
+        failure: Option<FailureKind>,
     },
 }
 

@@ -16,6 +16,7 @@ mod clock;
 mod constraint;
 mod error;
 mod event;
+mod failure;
 mod priority;
 mod request;
 mod sampling;
@@ -34,6 +35,7 @@ pub use error::TypesError;
 pub use event::{
     event_channel, EventReceiver, EventSender, FinishReason, OutputEvent, TokenLogprobs, Usage,
 };
+pub use failure::{Failure, FailureKind};
 pub use priority::Priority;
 pub use request::{BatchRequest, NewRequest, RequestId};
 pub use sampling::SamplingParams;

@@ -8,7 +8,7 @@
 //! client that disconnects mid-stream, or a matched stop string, ends the
 //! work on the engine side.
 
-use batching_types::{FinishReason, OutputEvent};
+use batching_types::{FailureKind, FinishReason, OutputEvent};
 use futures::StreamExt;
 
 use crate::{
@@ -94,6 +94,7 @@ impl Generation {
                     reason,
                     usage,
                     message,
+                    failure,
                 }) => Some(self.on_finished(
                     reason,
                     UsageOut::new(
@@ -102,6 +103,7 @@ impl Generation {
                         usage.cached_tokens,
                     ),
                     message,
+                    failure,
                 )),
                 None => {
                     let usage = self.usage();
@@ -170,6 +172,7 @@ impl Generation {
         reason: FinishReason,
         usage: UsageOut,
         message: Option<String>,
+        failure: Option<FailureKind>,
     ) -> Step {
         let tail = self.decoder.flush();
         let (mut text, stopped) = match self.stop.push(&tail) {
@@ -192,7 +195,10 @@ impl Generation {
             FinishReason::Length | FinishReason::ContextLength => Ok("length"),
             FinishReason::Timeout => Err(ApiError::timeout(message)),
             FinishReason::Cancelled => Err(ApiError::unavailable(message)),
-            FinishReason::Error => Err(ApiError::internal(message)),
+            FinishReason::Error => Err(ApiError::failure(
+                failure.unwrap_or(FailureKind::Internal),
+                message,
+            )),
         };
         self.end(text, outcome, usage)
     }

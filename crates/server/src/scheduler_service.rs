@@ -12,6 +12,11 @@ use crate::service::{EventStream, GenerationService, ServiceHealth, SubmitError}
 /// finish, short enough not to idle the server.
 const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a client refused while the engine sheds load should wait: the
+/// engine refuses new work for at least two seconds after running short of
+/// memory.
+const SHEDDING_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// The scheduler behind the [`GenerationService`] seam.
 #[derive(Debug, Clone)]
 pub struct SchedulerService {
@@ -49,7 +54,7 @@ impl GenerationService for SchedulerService {
             alive: h.alive,
             loading: false,
             shutting_down: h.shutting_down,
-            shedding: false,
+            shedding: h.shedding,
             running: h.running,
             waiting: h.pending.max(h.waiting),
             paused: h.paused,
@@ -86,8 +91,11 @@ fn submit_error(e: SchedulerError) -> SubmitError {
             param: None,
             message: other.to_string(),
         },
+        SchedulerError::Shedding => SubmitError::Shedding {
+            retry_after: SHEDDING_RETRY_AFTER,
+        },
         SchedulerError::EngineStopped
-        | SchedulerError::Backend(_)
+        | SchedulerError::Backend { .. }
         | SchedulerError::InvalidConfig(_) => SubmitError::Stopped,
     }
 }

@@ -424,6 +424,16 @@ impl Backend for SimBackend {
             self.record(plan, prefill, decode, true);
             return Err(SimError::InjectedStepFailure);
         }
+        let tokens = plan.num_tokens();
+        if let Some(limit) = self
+            .control
+            .with(|s| s.step_token_limit)
+            .filter(|&l| tokens > l)
+        {
+            // Refused before it ran: no tokens were fed.
+            self.record(plan, 0, 0, true);
+            return Err(SimError::OutOfMemory { tokens, limit });
+        }
         let (vocab, stop) = (self.config.vocab, self.config.stop);
         let mut results = Vec::with_capacity(plan.items.len());
         for (item, table) in plan.items.iter().zip(&plan.block_tables) {

@@ -50,6 +50,7 @@ pub struct SimStats {
 pub(crate) struct ControlState {
     pub(crate) stats: SimStats,
     pub(crate) fail_steps: u32,
+    pub(crate) step_token_limit: Option<usize>,
     pub(crate) fail_sequences: HashSet<RequestId>,
     pub(crate) fail_adds: HashSet<RequestId>,
 }
@@ -71,6 +72,13 @@ impl SimControl {
     /// Makes the next `n` non-empty steps fail as a whole.
     pub fn fail_next_steps(&self, n: u32) {
         self.with(|s| s.fail_steps = n);
+    }
+
+    /// Makes every step that feeds more than `limit` tokens fail with
+    /// [`crate::SimError::OutOfMemory`] before it runs (`None` lifts it):
+    /// memory pressure, as the real backend reports it.
+    pub fn limit_step_tokens(&self, limit: Option<usize>) {
+        self.with(|s| s.step_token_limit = limit);
     }
 
     /// Makes the next step that names `id` report

@@ -216,6 +216,49 @@ impl LlamaModel {
         }
     }
 
+    /// A generous estimate of the bytes one step of `batch` needs beside
+    /// the weights and the KV pool: the activations of one layer for every
+    /// token, the attention temporaries of one layer (gathered keys and
+    /// values, scores and probabilities), and the logits. MLX frees each
+    /// layer's temporaries as the graph runs, but keeps a layer's inputs
+    /// until its outputs exist, hence the factor of two.
+    pub fn step_working_set(&self, batch: &StepBatch<'_>, block_size: usize) -> u64 {
+        let c = &self.config;
+        let word = match self.dtype {
+            Dtype::Float16 | Dtype::Bfloat16 => 2u64,
+            _ => 4,
+        };
+        let t = batch.tokens.len() as u64;
+        let (hidden, inter) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (heads, kv_heads, hd) = (c.num_heads as u64, c.num_kv_heads as u64, c.head_dim as u64);
+        let qkv = (heads + 2 * kv_heads) * hd;
+        let activations = t * (3 * hidden + qkv + 4 * inter) * word;
+        let width = kv_heads * hd;
+        let round = |n: usize| (n.div_ceil(block_size.max(1)) * block_size.max(1)) as u64;
+        let decode_span = batch
+            .decodes
+            .iter()
+            .map(|d| round(d.position + 1))
+            .max()
+            .unwrap_or(0);
+        let rows = batch.decodes.len() as u64;
+        // Gathered keys and values, block-diagonal queries, scores,
+        // probabilities and the weighted sums of every KV head.
+        let decode =
+            rows * (2 * decode_span * width + 3 * heads * decode_span + heads * width) * word;
+        let chunks: u64 = batch
+            .chunks
+            .iter()
+            .map(|ch| {
+                let span = round(ch.position + ch.len);
+                let n = ch.len as u64;
+                (2 * span * width + 3 * heads * n * span) * word
+            })
+            .sum();
+        let logits = batch.sample_at.len() as u64 * c.vocab_size as u64 * 4 * 2;
+        2 * (activations + decode + chunks) + logits
+    }
+
     /// Builds the graph of one step, writes the step's keys and values into
     /// `pool` and returns the logits (`[sample_at.len(), vocab]`, f32) of
     /// the requested tokens, unevaluated. The caller evaluates once per step.

@@ -48,9 +48,7 @@ impl std::str::FromStr for ModelDType {
             "f16" | "float16" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::BF16),
             "native" | "auto-native" | "quantized" => Ok(Self::Native),
-            other => Err(BackendError::Sequence(format!(
-                "unknown dtype {other:?}: expected f32, f16, bf16 or native"
-            ))),
+            other => Err(BackendError::UnknownDType(other.to_owned())),
         }
     }
 }

@@ -18,8 +18,8 @@ use std::{
 
 use batching_queue::{PriorityQueueWithAging, QueueConfig};
 use batching_types::{
-    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, FinishReason, KvBlocks,
-    NewRequest, Priority, RequestId, RequestStatus, StepOutput, StepPlan,
+    Backend, BackendCapacity, BatchRequest, Clock, EventReceiver, Failure, FailureKind,
+    FinishReason, KvBlocks, NewRequest, Priority, RequestId, RequestStatus, StepOutput, StepPlan,
 };
 
 use crate::{
@@ -89,6 +89,21 @@ pub struct Scheduler<B: Backend, C: Clock + Clone> {
     shutdown_deadline: Option<Instant>,
     steps: u64,
     hot: names::Hot,
+    memory: MemoryPressure,
+}
+
+/// How long new work is refused after the backend last ran out of memory.
+pub(super) const SHED_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+/// Successful steps under a memory cap before the cap doubles.
+pub(super) const STEPS_PER_RELAXATION: u32 = 4;
+
+/// What running out of memory left behind.
+#[derive(Debug, Default)]
+struct MemoryPressure {
+    /// The most tokens a step may feed, until it has doubled back up.
+    cap: Option<usize>,
+    /// Successful steps since the cap last changed.
+    successes: u32,
 }
 
 impl<B: Backend, C: Clock + Clone> std::fmt::Debug for Scheduler<B, C> {
@@ -121,7 +136,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                 block_size: config.block_size,
                 num_blocks: total_blocks,
             })
-            .map_err(|e| SchedulerError::Backend(e.to_string()))?;
+            .map_err(SchedulerError::backend)?;
         let queue = PriorityQueueWithAging::with_clock(
             QueueConfig {
                 aging_rate: config.aging_rate,
@@ -157,6 +172,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             shutdown_deadline: None,
             steps: 0,
             hot: names::Hot::register(),
+            memory: MemoryPressure::default(),
         })
     }
 
@@ -259,10 +275,18 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                     Ok(()) => {
                         self.shared.consecutive_failures.store(0, Ordering::Relaxed);
                         self.apply(&plan, &slots, output, &mut trace);
+                        self.relax_memory_cap();
                     }
-                    Err(message) => self.step_failed(&slots, message, &mut trace),
+                    Err(message) => {
+                        self.step_failed(&slots, FailureKind::Internal, message, &mut trace);
+                    }
                 },
-                Err(err) => self.step_failed(&slots, err.to_string(), &mut trace),
+                // Out of memory before anything ran: retry with less work,
+                // unless the step was already as small as a step can be.
+                Err(err) if err.kind() == FailureKind::OutOfMemory && plan.num_tokens() > 1 => {
+                    self.shed(plan.num_tokens(), err.to_string(), &mut trace);
+                }
+                Err(err) => self.step_failed(&slots, err.kind(), err.to_string(), &mut trace),
             }
             trace.items = plan.items;
         }

@@ -4,11 +4,11 @@
 use std::{sync::atomic::Ordering, time::Instant};
 
 use batching_types::{
-    Backend, BatchRequest, Clock, FinishReason, OutputEvent, RequestStatus, SequenceOutcome,
-    StepOutput, StepPlan, TokenLogprobs, Usage, WorkKind,
+    Backend, BatchRequest, Clock, FailureKind, FinishReason, OutputEvent, RequestStatus,
+    SequenceOutcome, StepOutput, StepPlan, TokenLogprobs, Usage, WorkKind,
 };
 
-use super::{preempt::Reason, Scheduler};
+use super::{preempt::Reason, Scheduler, SHED_HOLD, STEPS_PER_RELAXATION};
 use crate::{metrics as names, StepTrace};
 
 impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
@@ -156,8 +156,14 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
 
     /// A whole step failed: nothing advanced. Each request in it is
     /// re-queued for recomputation, or fails once it has used its retries.
-    pub(super) fn step_failed(&mut self, slots: &[usize], message: String, trace: &mut StepTrace) {
-        ::metrics::counter!(names::STEP_FAILURES).increment(1);
+    pub(super) fn step_failed(
+        &mut self,
+        slots: &[usize],
+        kind: FailureKind,
+        message: String,
+        trace: &mut StepTrace,
+    ) {
+        ::metrics::counter!(names::STEP_FAILURES, "kind" => kind.as_str()).increment(1);
         self.shared.step_failures.fetch_add(1, Ordering::Relaxed);
         self.shared
             .consecutive_failures
@@ -168,17 +174,72 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             *tries += 1;
             if *tries > self.config.max_step_retries {
                 self.retries.remove(&id);
-                self.finish_active(
-                    i,
-                    FinishReason::Error,
-                    Some(format!("the backend failed: {message}")),
-                    trace,
-                );
+                self.fail_active(i, kind, format!("the backend failed: {message}"), trace);
             } else {
                 self.preempt(i, Reason::Retry, trace);
             }
         }
         trace.failure = Some(message);
+    }
+
+    /// The backend ran out of memory before running the step, so nothing
+    /// advanced: every request keeps its place and its cache, the next
+    /// steps feed at most half as many tokens (pausing the least urgent
+    /// decodes beyond that), and new work is refused while memory is short.
+    /// Not a failure of liveness: [`Scheduler::relax_memory_cap`] lifts the
+    /// cap again step by step.
+    pub(super) fn shed(&mut self, plan_tokens: usize, message: String, trace: &mut StepTrace) {
+        let kind = FailureKind::OutOfMemory;
+        ::metrics::counter!(names::STEP_FAILURES, "kind" => kind.as_str()).increment(1);
+        self.shared.step_failures.fetch_add(1, Ordering::Relaxed);
+        let cap = (plan_tokens / 2).max(1);
+        self.memory.cap = Some(cap);
+        self.memory.successes = 0;
+        self.shared.shed_until(self.clock.now() + SHED_HOLD);
+        self.publish_memory_pressure();
+        trace.failure = Some(format!(
+            "{message}; the next steps feed at most {cap} tokens"
+        ));
+    }
+
+    /// After a successful step under a memory cap: every few steps the cap
+    /// doubles, until it no longer limits anything. (New work is taken
+    /// again once [`SHED_HOLD`] has passed since the last failure; the cap
+    /// alone never refuses work.)
+    pub(super) fn relax_memory_cap(&mut self) {
+        let Some(cap) = self.memory.cap else {
+            return;
+        };
+        self.memory.successes += 1;
+        if self.memory.successes >= STEPS_PER_RELAXATION {
+            self.memory.successes = 0;
+            let doubled = cap.saturating_mul(2);
+            self.memory.cap = (doubled < self.config.max_batch_tokens).then_some(doubled);
+            self.publish_memory_pressure();
+        }
+    }
+
+    pub(super) fn publish_memory_pressure(&self) {
+        ::metrics::gauge!(names::MEMORY_TOKEN_CAP).set(self.memory.cap.unwrap_or(0) as f64);
+    }
+
+    /// [`Scheduler::finish_active`] with an error of `kind`.
+    pub(super) fn fail_active(
+        &mut self,
+        i: usize,
+        kind: FailureKind,
+        message: String,
+        trace: &mut StepTrace,
+    ) {
+        if self.active[i].gone {
+            return;
+        }
+        self.register_written(i);
+        let Some(mut req) = self.take_active(i) else {
+            return;
+        };
+        self.backend.release(req.request_id);
+        self.fail_request(&mut req, kind, message, Some(trace));
     }
 
     pub(super) fn finish_active(
@@ -222,12 +283,37 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             .register(&a.req.block_table, &tokens[..full.min(tokens.len())]);
     }
 
-    /// Sends the one finish event, frees blocks and records metrics.
+    /// Sends the one finish event, frees blocks and records metrics. An
+    /// `Error` finish here is an internal one; [`Scheduler::fail_request`]
+    /// names another kind.
     pub(super) fn finish_request(
         &mut self,
         req: &mut BatchRequest,
         reason: FinishReason,
         message: Option<String>,
+        trace: Option<&mut StepTrace>,
+    ) {
+        let failure = (reason == FinishReason::Error).then_some(FailureKind::Internal);
+        self.end_request(req, reason, message, failure, trace);
+    }
+
+    /// Ends a request with an error of `kind`.
+    pub(super) fn fail_request(
+        &mut self,
+        req: &mut BatchRequest,
+        kind: FailureKind,
+        message: String,
+        trace: Option<&mut StepTrace>,
+    ) {
+        self.end_request(req, FinishReason::Error, Some(message), Some(kind), trace);
+    }
+
+    fn end_request(
+        &mut self,
+        req: &mut BatchRequest,
+        reason: FinishReason,
+        message: Option<String>,
+        failure: Option<FailureKind>,
         trace: Option<&mut StepTrace>,
     ) {
         let now = self.clock.now();
@@ -254,6 +340,9 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
         if reason == FinishReason::Cancelled {
             ::metrics::counter!(names::CANCELLATIONS).increment(1);
         }
+        if let Some(kind) = failure {
+            ::metrics::counter!(names::REQUEST_FAILURES, "kind" => kind.as_str()).increment(1);
+        }
         ::metrics::counter!(names::REQUESTS_FINISHED, "reason" => reason.as_str()).increment(1);
         let _ = req.events.send(OutputEvent::Finished {
             reason,
@@ -263,6 +352,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                 cached_tokens: req.cached_prompt_tokens.unwrap_or(0),
             },
             message,
+            failure,
         });
         if let Some(trace) = trace {
             trace.finished.push((req.request_id, reason));

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use batching_types::{Backend, Clock, FinishReason, RequestStatus, StepItem, WorkKind};
+use batching_types::{Backend, Clock, Failure, FinishReason, RequestStatus, StepItem, WorkKind};
 
 use super::{
     preempt::{Reason, Victim},
@@ -83,6 +83,10 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
         let mut items = Vec::with_capacity(self.config.max_batch_size);
         let mut slots = Vec::with_capacity(self.config.max_batch_size);
         let mut budget = self.config.max_batch_tokens;
+        if let Some(cap) = self.memory.cap {
+            budget = budget.min(cap);
+            self.shed_decodes(cap, now, trace);
+        }
         let mut planned = vec![false; self.active.len()];
 
         // Decodes. When blocks are short, most urgent first, so that a
@@ -250,10 +254,10 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                 });
             if let Err(err) = added {
                 self.backend.release(id);
-                self.finish_request(
+                self.fail_request(
                     &mut req,
-                    FinishReason::Error,
-                    Some(format!("the backend refused the request: {err}")),
+                    err.kind(),
+                    format!("the backend refused the request: {err}"),
                     Some(trace),
                 );
                 continue;
@@ -274,6 +278,23 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                 last_token_at: None,
                 gone: false,
             });
+        }
+    }
+
+    /// Under a memory cap of `cap` tokens a step, pauses the least urgent
+    /// decodes beyond it (they keep their caches and resume as the cap
+    /// relaxes).
+    fn shed_decodes(&mut self, cap: usize, now: Instant, trace: &mut StepTrace) {
+        let mut decoding: Vec<usize> = (0..self.active.len())
+            .filter(|&i| !self.active[i].gone && self.active[i].decoding())
+            .collect();
+        if decoding.len() <= cap {
+            return;
+        }
+        // Most urgent first; the tail is paused.
+        decoding.sort_by_cached_key(|&i| self.rank_active(i, now));
+        for &i in &decoding[cap..] {
+            self.pause_for(i, Reason::Shed, now, trace);
         }
     }
 

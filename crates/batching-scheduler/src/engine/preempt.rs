@@ -107,6 +107,8 @@ pub(super) enum Reason {
     Memory,
     /// Re-queued after a failed step.
     Retry,
+    /// Paused because a step ran out of memory (cache kept).
+    Shed,
 }
 
 impl Reason {
@@ -115,6 +117,7 @@ impl Reason {
             Self::Priority => "priority",
             Self::Memory => "memory",
             Self::Retry => "retry",
+            Self::Shed => "shed",
         }
     }
 }
@@ -297,6 +300,18 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
     /// keeps its blocks and its backend cache and waits in the queue, under
     /// its original rank, to continue where it stopped.
     pub(super) fn pause(&mut self, i: usize, now: Instant, trace: &mut StepTrace) {
+        self.pause_for(i, Reason::Priority, now, trace);
+    }
+
+    /// [`Scheduler::pause`] for `reason`; only a pause for urgency counts
+    /// against the request's preemption limit.
+    pub(super) fn pause_for(
+        &mut self,
+        i: usize,
+        reason: Reason,
+        now: Instant,
+        trace: &mut StepTrace,
+    ) {
         let Some(mut req) = self.take_active(i) else {
             return;
         };
@@ -320,10 +335,12 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             );
             return;
         }
-        req.preemptions += 1;
+        if reason == Reason::Priority {
+            req.preemptions += 1;
+        }
         let id = req.request_id;
         trace.paused.push(id);
-        ::metrics::counter!(names::PREEMPTIONS, "reason" => Reason::Priority.as_str()).increment(1);
+        ::metrics::counter!(names::PREEMPTIONS, "reason" => reason.as_str()).increment(1);
         self.paused.insert(id, state);
         if let Err(err) = self.queue.try_put(req) {
             let message = err.to_string();

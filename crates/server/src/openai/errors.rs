@@ -13,6 +13,8 @@ use axum::{
 };
 use serde::Serialize;
 
+use batching_types::FailureKind;
+
 use crate::service::SubmitError;
 
 /// An error response.
@@ -164,7 +166,24 @@ impl ApiError {
 
     /// 500: the model failed on this request.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).with_code("internal")
+    }
+
+    /// The engine ended the request with a failure of `kind`: its stable
+    /// label is the error's code, and the status says whether to retry.
+    pub fn failure(kind: FailureKind, message: impl Into<String>) -> Self {
+        match kind {
+            FailureKind::InvalidRequest => {
+                Self::new(StatusCode::BAD_REQUEST, INVALID, message).with_code(kind.as_str())
+            }
+            FailureKind::OutOfMemory | FailureKind::Unavailable => {
+                let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code(kind.as_str());
+                e.retry_after = Some(1);
+                e
+            }
+            FailureKind::Internal => Self::internal(message),
+        }
     }
 
     /// The JSON text of the error body, also used inside an event stream.
