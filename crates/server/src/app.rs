@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 use crate::{
+    connections::{self, ConnectionLimits},
     health::HealthPolicy,
-    openai::extract::{BodyLimit, DEFAULT_BODY_LIMIT},
+    openai::extract::{BodyDeadline, BodyLimit, DEFAULT_BODY_LIMIT},
     request_id,
     routes::{self, chat, completions, health, models},
     service::GenerationService,
@@ -32,6 +33,14 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// When the engine counts as not live.
     pub health: HealthPolicy,
+    /// A request body must have arrived this long after its headers, or
+    /// the request gets 408 and its connection is closed.
+    pub body_read_timeout: Duration,
+    /// A streamed response whose client has not read for this long (its
+    /// buffer full) is cancelled.
+    pub stream_stall_timeout: Duration,
+    /// Timeouts and the cap of the connection layer.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +49,9 @@ impl Default for ServerConfig {
             request_timeout: None,
             body_limit: DEFAULT_BODY_LIMIT,
             health: HealthPolicy::default(),
+            body_read_timeout: Duration::from_secs(10),
+            stream_stall_timeout: Duration::from_secs(15),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -94,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(BodyLimit(limit)))
+        .layer(Extension(BodyDeadline(state.config.body_read_timeout)))
         .layer(middleware::from_fn(count_requests))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn(request_id::identify))
@@ -117,14 +130,14 @@ async fn count_requests(request: Request, next: Next) -> Response {
 }
 
 /// Serves `state` on `listener` until `shutdown` completes, then lets the
-/// requests in flight finish.
+/// requests in flight finish (see [`connections`] for the limits applied to
+/// each connection).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = state.config.connections;
+    connections::serve(listener, router(state), limits, shutdown).await?;
     Ok(())
 }

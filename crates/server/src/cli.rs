@@ -153,6 +153,27 @@ pub struct ServeArgs {
     /// "none".
     #[arg(long, value_parser = parse_timeout, default_value = "60s")]
     pub stall_timeout: Timeout,
+    /// Time a client has to send a request's headers; also how long a
+    /// keep-alive connection may wait for its next request at most.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's whole body after its headers;
+    /// later, it gets 408 and the connection is closed (a client that
+    /// trickles its body cannot hold a connection).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub keep_alive_timeout: Duration,
+    /// A streamed answer whose client has stopped reading for this long is
+    /// cancelled, freeing its KV cache.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub stream_stall_timeout: Duration,
+    /// The most connections served at once; more are closed at once. It is
+    /// lowered to fit below the process's file limit, which the server
+    /// raises to its hard limit at start.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 /// `mlx-batch generate`.
@@ -281,6 +302,14 @@ pub fn parse_timeout(text: &str) -> Result<Timeout, String> {
     Duration::try_from_secs_f64(seconds)
         .map(|d| Timeout(Some(d)))
         .map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
+/// Parses a duration such as `10s`, `500ms` or `2m` (not `none`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    match parse_timeout(text)? {
+        Timeout(Some(d)) if !d.is_zero() => Ok(d),
+        _ => Err(format!("{text:?} must be a positive duration such as 10s")),
+    }
 }
 
 /// The model folder to use: `--model`, else `$MLX_BATCH_MODEL`, else the

@@ -19,6 +19,7 @@ pub mod byte_model;
 pub mod cli;
 #[cfg(feature = "mlx")]
 pub mod commands;
+pub mod connections;
 pub mod generation;
 pub mod health;
 #[cfg(feature = "mlx")]

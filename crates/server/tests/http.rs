@@ -737,3 +737,165 @@ async fn a_request_keeps_one_identity_from_the_header_to_the_response() {
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["param"], "x-request-id", "{err}");
 }
+
+mod slow_clients {
+    use super::*;
+    use std::time::Instant;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    fn quick(options: &mut Options) {
+        let c = &mut options.server.connections;
+        c.header_read_timeout = Duration::from_millis(400);
+        c.keep_alive_timeout = Duration::from_millis(300);
+        options.server.body_read_timeout = Duration::from_millis(400);
+        options.server.stream_stall_timeout = Duration::from_millis(500);
+    }
+
+    async fn connect(s: &TestServer) -> TcpStream {
+        TcpStream::connect(s.base.trim_start_matches("http://"))
+            .await
+            .unwrap()
+    }
+
+    /// Reads until the server closes the connection; returns what it sent
+    /// and how long that took.
+    async fn read_to_close(stream: &mut TcpStream) -> (String, Duration) {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the server never closed the connection");
+        (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+    }
+
+    #[tokio::test]
+    async fn headers_that_never_complete_and_idle_connections_are_closed() {
+        let mut options = Options::default();
+        quick(&mut options);
+        let s = TestServer::start(options).await;
+        let mut silent = connect(&s).await;
+        let (sent, took) = read_to_close(&mut silent).await;
+        assert!(sent.is_empty() && took < Duration::from_secs(2), "{took:?}");
+        let mut partial = connect(&s).await;
+        partial
+            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (_, took) = read_to_close(&mut partial).await;
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        // A served keep-alive connection is closed once idle.
+        let mut idle = connect(&s).await;
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (sent, took) = read_to_close(&mut idle).await;
+        assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_trickled_body_gets_408_and_its_connection_is_closed() {
+        let mut options = Options::default();
+        quick(&mut options);
+        let s = TestServer::start(options).await;
+        let body = br#"{"model": "sim-byte", "prompt": "a", "max_tokens": 2}"#;
+        let mut slow = connect(&s).await;
+        slow.write_all(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let trickle = async {
+            for byte in body.iter().take(10) {
+                if slow.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        trickle.await;
+        let (sent, _) = read_to_close(&mut slow).await;
+        assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+        assert!(sent.contains("request_timeout"), "{sent}");
+    }
+
+    #[tokio::test]
+    async fn beyond_the_connection_cap_new_connections_are_closed_at_once() {
+        let mut options = Options::default();
+        quick(&mut options);
+        options.server.connections.max_connections = 2;
+        options.server.connections.header_read_timeout = Duration::from_secs(5);
+        let s = TestServer::start(options).await;
+        let _a = connect(&s).await;
+        let _b = connect(&s).await;
+        // Let the server accept both before the third arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = connect(&s).await;
+        let (sent, took) = read_to_close(&mut c).await;
+        assert!(sent.is_empty());
+        assert!(
+            took < Duration::from_millis(500),
+            "refused at once: {took:?}"
+        );
+        drop((_a, _b));
+        // Once they are gone, a normal request is served again.
+        let mut ok = false;
+        for _ in 0..50 {
+            if let Ok(resp) = s.client.get(s.url("/health")).send().await {
+                ok = resp.status() == 200;
+                if ok {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok);
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_client_stops_reading_is_cancelled_and_frees_its_blocks() {
+        let mut options = Options::default().serial(Duration::from_millis(2));
+        quick(&mut options);
+        let s = TestServer::start(options).await;
+        let body =
+            json!({"model": MODEL, "prompt": "a", "max_tokens": 3000, "stream": true}).to_string();
+        let mut reader = connect(&s).await;
+        reader
+            .write_all(
+                format!(
+                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // Read the headers and a little, then stop reading altogether.
+        let mut first = [0u8; 256];
+        let _ = reader.read(&mut first).await.unwrap();
+        let cancelled = async {
+            for _ in 0..200 {
+                let h = s.health().await;
+                if h["engine"]["running"] == 0 && h["engine"]["kv_blocks_used"] == 0 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(cancelled.await, "the stalled stream still holds its blocks");
+        let generated = s.control.stats().decode_tokens;
+        assert!(
+            generated < 2900,
+            "cancelled early, not run to the end: {generated}"
+        );
+        drop(reader);
+    }
+}

@@ -10,6 +10,7 @@ use crate::{
     app::{self, AppState, ServerConfig},
     cli::ServeArgs,
     commands::{load_text, start_engine, KvSize, MemoryPlan},
+    connections::{self, ConnectionLimits},
     health::HealthPolicy,
     service::{GenerationService, ServiceSlot},
     telemetry,
@@ -45,6 +46,16 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         limit: args.memory_limit.resolve(),
         cache_limit: Some(args.mlx_cache_limit),
     };
+    let file_limit = connections::raise_file_limit().unwrap_or_else(|e| {
+        tracing::warn!("cannot read the file limit: {e}");
+        1024
+    });
+    let max_connections = connections::connection_cap(file_limit, args.max_connections);
+    tracing::info!(
+        file_limit,
+        max_connections,
+        "serving at most {max_connections} connections at once"
+    );
     let (dir, model) = load_text(&args.model)?;
     let slot = Arc::new(ServiceSlot::new());
     let state = AppState::new(
@@ -56,6 +67,13 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
             health: HealthPolicy {
                 max_step_failures: args.unhealthy_after_failures,
                 stall_timeout: args.stall_timeout.0.unwrap_or(Duration::MAX),
+            },
+            body_read_timeout: args.body_read_timeout,
+            stream_stall_timeout: args.stream_stall_timeout,
+            connections: ConnectionLimits {
+                header_read_timeout: args.header_read_timeout,
+                keep_alive_timeout: args.keep_alive_timeout,
+                max_connections,
             },
             ..ServerConfig::default()
         },

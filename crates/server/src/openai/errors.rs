@@ -151,6 +151,20 @@ impl ApiError {
         e
     }
 
+    /// 408: the request's body did not arrive in time; the connection is
+    /// closed.
+    pub fn body_timeout(deadline: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            INVALID,
+            format!(
+                "The request body did not arrive within {} s of its headers.",
+                deadline.as_secs_f64()
+            ),
+        )
+        .with_code("request_timeout")
+    }
+
     /// 504: the request waited past its deadline.
     pub fn timeout(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message).with_code("timeout")

@@ -33,8 +33,16 @@ where
             .extensions()
             .get::<BodyLimit>()
             .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
-        let bytes = Bytes::from_request(req, state)
+        let deadline = req
+            .extensions()
+            .get::<BodyDeadline>()
+            .map_or(DEFAULT_BODY_DEADLINE, |d| d.0);
+        // A deadline for the whole body, not a wait between chunks: a client
+        // that trickles a byte at a time makes progress but must not hold a
+        // connection for ever.
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
             .await
+            .map_err(|_| ApiError::body_timeout(deadline))?
             .map_err(|e| body_error(&e, limit))?;
         serde_json::from_slice(&bytes)
             .map(OpenAiJson)
@@ -45,6 +53,13 @@ where
 /// The body limit in force, recorded so that the 413 message can name it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// How long after its headers a request's whole body must have arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
+/// The body deadline when the router sets none.
+pub const DEFAULT_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn body_error(e: &BytesRejection, limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {

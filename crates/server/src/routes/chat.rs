@@ -103,6 +103,7 @@ pub async fn handler(
     let rest = items(first, generation).flat_map(move |item| stream::iter(chunker.payloads(item)));
     Ok(sse::response(
         stream::once(async move { opening }).chain(rest),
+        state.config.stream_stall_timeout,
     ))
 }
 

@@ -66,7 +66,7 @@ pub async fn handler(
     let first = first_step(&mut generation).await?;
     let payloads =
         items(first, generation).flat_map(move |item| stream::iter(shape.payloads(item)));
-    Ok(sse::response(payloads))
+    Ok(sse::response(payloads, state.config.stream_stall_timeout))
 }
 
 /// The prompt as token ids; exactly one prompt per request.
