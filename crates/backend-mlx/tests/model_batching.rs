@@ -186,3 +186,19 @@ fn a_preempted_sequence_recomputes_the_same_tokens() {
     let rest = alone(&dir.0, &context, 6, &sampling);
     assert_eq!(rest, full[4..]);
 }
+
+/// A one-token prompt first, on a fresh model, then a long one: MLX's
+/// shapeless compiled functions must not keep a trace specialised to a span
+/// of one (that wrote past its outputs and crashed the server).
+#[test]
+fn a_one_token_prompt_first_leaves_later_steps_exact() {
+    let dir = TempDir::new("one-token-first");
+    write_tiny_model(&dir.0, &TinySpec::default());
+    let long: Vec<u32> = (0..40u32).map(|j| (j * 13 + 5) % 256).collect();
+    let expected = alone(&dir.0, &long, 6, &greedy());
+    let mut backend = load(&dir.0, None);
+    let first = generate_batched(&mut backend, &[vec![7]], 3, 1 << 20, 0, &greedy());
+    assert_eq!(first[0].len(), 3);
+    let after = generate_batched(&mut backend, &[long.clone()], 6, 1 << 20, 0, &greedy());
+    assert_eq!(after[0], expected);
+}

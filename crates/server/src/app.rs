@@ -94,21 +94,25 @@ impl AppState {
 /// enforced before any parsing.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.body_limit;
+    // Probes are polled every second or so by load balancers and scrapers:
+    // they are counted but not traced, so the log keeps to requests.
+    let probes = Router::new()
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(routes::metrics::handler));
     Router::new()
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get))
-        .route("/health", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics", get(routes::metrics::handler))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(BodyLimit(limit)))
         .layer(Extension(BodyDeadline(state.config.body_read_timeout)))
-        .layer(middleware::from_fn(count_requests))
         .layer(TraceLayer::new_for_http())
+        .merge(probes)
+        .layer(middleware::from_fn(count_requests))
         .layer(middleware::from_fn(request_id::identify))
         .with_state(state)
 }

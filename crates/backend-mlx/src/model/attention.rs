@@ -196,11 +196,16 @@ impl AttentionPlan {
         let mut chunks = Vec::with_capacity(batch.chunks.len());
         for chunk in &batch.chunks {
             let end = chunk.position + chunk.len;
-            let gather = BlockGather::new(&[(chunk.table, end)], bs, Some(end));
-            let mask = if fused {
-                Some(cast(causal_mask(chunk))?)
+            // The fused path attends over whole blocks (the mask hides what
+            // lies past the chunk): a span of at least one block, never of
+            // one token, is what keeps its shapeless softmax sound (see
+            // [`Fused`]).
+            let (gather, mask) = if fused {
+                let gather = BlockGather::new(&[(chunk.table, end)], bs, None);
+                let span = gather.span() as usize;
+                (gather, Some(cast(causal_mask(chunk, span))?))
             } else {
-                None
+                (BlockGather::new(&[(chunk.table, end)], bs, Some(end)), None)
             };
             chunks.push((gather, mask));
         }
@@ -324,11 +329,11 @@ impl AttentionPlan {
     }
 }
 
-/// The additive causal mask of a chunk over its whole context: query `i`
-/// (at position `position + i`) sees keys up to its own position.
-fn causal_mask(chunk: &Chunk<'_>) -> Array {
+/// The additive causal mask of a chunk over `span` keys (its context and
+/// any rest of its last block): query `i` (at position `position + i`) sees
+/// keys up to its own position.
+fn causal_mask(chunk: &Chunk<'_>, span: usize) -> Array {
     let n = chunk.len;
-    let span = chunk.position + chunk.len;
     let mut mask = vec![f32::NEG_INFINITY; n * span];
     for i in 0..n {
         let visible = chunk.position + i + 1;

@@ -12,6 +12,15 @@
 //!
 //! Numerics match MLX's own composition (f32 throughout on the CPU): the
 //! mlx-lm oracle tests hold them to the same tolerance as before.
+//!
+//! One rule keeps shapeless compilation sound: MLX records a broadcast
+//! only where the traced shapes differ, so a function traced with an axis
+//! of size one on both sides of an operation (a softmax over one key) and
+//! reused with that axis longer writes past its outputs. Every function is
+//! therefore traced once at load, by [`Fused::warm_up`], with every axis
+//! longer than one, and callers never hand the softmax a last axis of one
+//! (attention spans are whole blocks). The warm-up also builds MLX's
+//! kernels before the first request instead of during it.
 
 use std::cell::RefCell;
 
@@ -45,6 +54,16 @@ fn one(mut out: Vec<Array>) -> MlxResult<Array> {
 fn arg(args: &[Array], i: usize) -> MlxResult<&Array> {
     args.get(i)
         .ok_or_else(|| Exception::custom("a compiled function got too few arguments"))
+}
+
+/// The dimensions [`Fused::warm_up`] traces with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WarmUpShape {
+    pub(crate) hidden: i32,
+    pub(crate) intermediate: i32,
+    pub(crate) heads: i32,
+    pub(crate) kv_heads: i32,
+    pub(crate) head_dim: i32,
 }
 
 /// The compiled functions of one model.
@@ -105,6 +124,49 @@ impl Fused {
                 Ok(vec![ra, rb])
             }),
         }
+    }
+
+    /// Traces every function once with shapes whose every axis is longer
+    /// than one, in the ranks and layouts a step uses (contiguous and
+    /// strided inputs), and evaluates them, so that the cached traces carry
+    /// every broadcast and MLX has built the kernels.
+    pub(crate) fn warm_up(&self, dtype: Dtype, shape: WarmUpShape) -> MlxResult<()> {
+        let WarmUpShape {
+            hidden,
+            intermediate,
+            heads,
+            kv_heads,
+            head_dim,
+        } = shape;
+        let ones = |dims: &[i32]| -> MlxResult<Array> {
+            mlx_rs::ops::ones_dtype(dims, dtype)?.multiply(Array::from_f32(0.5))
+        };
+        let mut outs = Vec::new();
+        outs.push(self.rms_norm(&ones(&[2, hidden])?, &ones(&[hidden])?)?);
+        let gu = ones(&[2, 2 * intermediate])?;
+        let parts = super::linear::split_last(&gu, &[intermediate, intermediate]);
+        outs.push(self.silu_mul(&parts[0], &parts[1])?);
+        outs.push(self.silu_mul(&ones(&[2, intermediate])?, &ones(&[2, intermediate])?)?);
+        // Decode scores [rows, heads, span] with a [rows, 1, span] mask;
+        // chunk scores [kv_heads, rep, n, span] with an [n, span] mask.
+        outs.push(self.softmax(&ones(&[2, heads, 32])?, &ones(&[2, 1, 32])?)?);
+        let rep = (heads / kv_heads.max(1)).max(2);
+        outs.push(self.softmax(&ones(&[kv_heads.max(2), rep, 2, 32])?, &ones(&[2, 32])?)?);
+        let half = head_dim / 2;
+        let qk = ones(&[2, heads + kv_heads, head_dim])?;
+        use mlx_rs::ops::indexing::IndexOp;
+        let (a, b) = (
+            qk.index((.., .., 0..half)),
+            qk.index((.., .., half..head_dim)),
+        );
+        let (cos, sin) = (ones(&[2, 1, half])?, ones(&[2, 1, half])?);
+        let (ra, rb) = self.rope(&a, &b, &cos, &sin)?;
+        outs.extend([ra, rb]);
+        let pairs = qk.reshape(&[2, heads + kv_heads, half, 2])?;
+        let (a, b) = (pairs.index((.., .., .., 0)), pairs.index((.., .., .., 1)));
+        let (ra, rb) = self.rope(&a, &b, &cos, &sin)?;
+        outs.extend([ra, rb]);
+        mlx_rs::transforms::eval(outs.iter())
     }
 
     /// RMS norm of `x` (`[.., hidden]`) with weight `w`.

@@ -19,7 +19,7 @@ use mlx_rs::{fast, ops, ops::indexing::IndexOp, Array, Dtype};
 use super::{
     attention::{AttentionPlan, Heads},
     config::ModelConfig,
-    fused::Fused,
+    fused::{Fused, WarmUpShape},
     linear::{split_last, Embedding, Linear},
     rope::Rope,
     weights::{ModelDType, WeightStore},
@@ -177,6 +177,21 @@ impl LlamaModel {
         };
         let _ = dtype;
         model.eval_weights().map_err(mlx)?;
+        if let Some(fused) = &model.fused {
+            let c = &model.config;
+            fused
+                .warm_up(
+                    model.dtype,
+                    WarmUpShape {
+                        hidden: c.hidden_size as i32,
+                        intermediate: c.intermediate_size as i32,
+                        heads: c.num_heads as i32,
+                        kv_heads: c.num_kv_heads as i32,
+                        head_dim: c.head_dim as i32,
+                    },
+                )
+                .map_err(mlx)?;
+        }
         Ok(model)
     }
 
