@@ -131,7 +131,11 @@ struct Figures {
     cut: Vec<Cut>,
     survivor_streams: usize,
     kill_requests_ok: usize,
-    retried: usize,
+    /// Requests the victim held, unanswered, when it died, then retried.
+    retried_held: usize,
+    /// Requests first offered to the dead victim (connection refused),
+    /// then retried.
+    retried_refused: usize,
     redispatched: usize,
     haproxy_retries: f64,
     haproxy_redispatches: f64,
@@ -1002,15 +1006,18 @@ async fn check_retries(
             l.retries == 0 || l.server == survivor.name,
             "request {id} was retried but not on the survivor: {l:?}"
         );
-        if l.retries > 0 {
-            figures.retried += 1;
+        if l.retries > 0 && id.starts_with("p2-before") {
+            figures.retried_held += 1;
+        }
+        if l.retries > 0 && id.starts_with("p2-after") {
+            figures.retried_refused += 1;
         }
         if l.redispatched {
             figures.redispatched += 1;
         }
     }
     ensure!(
-        figures.retried > 0,
+        figures.retried_held > 0,
         "no request was retried, although {} held some when it died",
         victim.name
     );
@@ -1111,19 +1118,20 @@ fn print_figures(f: &Figures, elapsed: Duration) {
     });
     for cut in &f.cut {
         line(format!(
-            "stream {} on {} ended with an error {:.2} s after the kill (HAProxy: {}, not retried): {}",
+            "stream {} on {} ended with an error {} ms after the kill (HAProxy: {}, not retried): {}",
             cut.request_id,
             f.victim,
-            cut.after.as_secs_f64(),
+            cut.after.as_millis(),
             cut.termination,
             cut.error
         ));
     }
     line(format!(
-        "{} streams on the survivor finished; {} requests sent around the kill all succeeded, {} retried ({} on another replica) by HAProxy's log; HAProxy's counters: {} retries, {} redispatches",
+        "{} streams on the survivor finished; {} requests sent around the kill all succeeded: by HAProxy's log {} held by the dead replica and {} refused by it were retried ({} of them on another replica); HAProxy's counters: {} retries, {} redispatches",
         f.survivor_streams,
         f.kill_requests_ok,
-        f.retried,
+        f.retried_held,
+        f.retried_refused,
         f.redispatched,
         f.haproxy_retries,
         f.haproxy_redispatches
