@@ -866,11 +866,12 @@ async fn kill_phase(ctx: &Ctx<'_>, figures: &mut Figures) -> anyhow::Result<(Rep
         },
     )
     .await?;
+    // Timed from the signal, not from the reaping that follows it.
+    let killed_at = Instant::now();
     ctx.fleet
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .kill(victim.proc)?;
-    let killed_at = Instant::now();
     eprintln!(
         "xtask: deploy-test: killed {} (SIGKILL) with {victim_streams} streams running on it",
         victim.name
