@@ -1,5 +1,6 @@
-//! `cargo xtask ci`: setup (with the Python references), then every check,
-//! in order, failing fast.
+//! `cargo xtask ci`: setup (with the Python references, HAProxy and
+//! Prometheus), then every check, in order, failing fast, ending with the
+//! replica test (`cargo xtask deploy-test`).
 //!
 //! A missing reference makes the tests that need it skip with a message on
 //! a developer's machine; `.ci/run` sets `MLX_BATCH_REQUIRE_REFERENCES=1` so
@@ -103,6 +104,9 @@ pub fn run() -> anyhow::Result<()> {
         ]),
     )?;
     boundary_checks()?;
+    // Last, since it builds the release server and runs it: the replica
+    // setup of docs/deploy.md behind HAProxy and Prometheus.
+    crate::deploy_test::run()?;
     eprintln!(
         "xtask: ci passed in {}",
         crate::progress::minutes(started.elapsed())

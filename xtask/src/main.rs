@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask setup | serve | ci | bench`.
+//! Project automation: `cargo xtask setup | serve | ci | bench |
+//! deploy-test`.
 //!
 //! Everything a developer or CI runs goes through here, written in Rust so
 //! that it works wherever cargo does, with no shell-script dialects to keep
@@ -6,6 +7,7 @@
 
 mod bench;
 mod ci;
+mod deploy_test;
 mod model;
 mod progress;
 mod serve;
@@ -28,6 +30,9 @@ enum Command {
     /// Set up what is missing (references included), then run every check
     /// CI runs, failing fast.
     Ci,
+    /// Run two replicas behind HAProxy, scraped by Prometheus, with the
+    /// configs of deploy/, and kill one mid-run (docs/deploy.md).
+    DeployTest,
     /// Set up if needed, then serve the default model on 127.0.0.1:8080.
     Serve(serve::ServeArgs),
     /// Install what a fresh machine lacks: system packages (apt-get, as
@@ -39,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(args),
         Command::Ci => ci::run(),
+        Command::DeployTest => deploy_test::run(),
         Command::Serve(args) => serve::run(args),
         Command::Setup(args) => setup::run(args).map(drop),
     };

@@ -2,7 +2,8 @@
 //! project-local, git-ignored folders where it can.
 //!
 //! In order: the system packages the build needs ([`system`], apt-get when
-//! root), the MLX wheel and the mlx-c sources, the mlx-c library
+//! root; with `--references` also HAProxy and Prometheus for the replica
+//! test), the MLX wheel and the mlx-c sources, the mlx-c library
 //! ([`mlx_c`]), the default model ([`crate::model`]) and, for `ci`, the
 //! Python references ([`references`]). Everything is pinned: the MLX wheel
 //! by version and sha256 (pip checks the hash with `--require-hashes`), the
@@ -90,7 +91,8 @@ pub struct SetupArgs {
     #[arg(long)]
     pub cuda: bool,
     /// Also install the Python references the tests compare against
-    /// (mlx-lm on the same MLX wheel, the official `openai` client);
+    /// (mlx-lm on the same MLX wheel, the official `openai` client) and the
+    /// Debian packages `haproxy` and `prometheus` that `deploy-test` runs;
     /// `cargo xtask ci` asks for them.
     #[arg(long)]
     pub references: bool,
@@ -102,7 +104,14 @@ pub fn run(args: SetupArgs) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     let root = crate::util::workspace_root();
     let mlx = root.join(".mlx");
-    system::ensure(&system::BUILD)?;
+    // One apt-get run for everything missing: `ci` (the references) also
+    // needs what the replica test runs; `serve` never installs it.
+    let needs = if args.references {
+        [system::BUILD.as_slice(), &system::DEPLOY].concat()
+    } else {
+        system::BUILD.to_vec()
+    };
+    system::ensure(&needs)?;
 
     let wheel = choose_wheel(args.cuda);
     let stamp = stamp_text(&root, wheel)?;

@@ -29,10 +29,19 @@ pub enum Need {
     Openblas,
     /// pip, which installs the MLX wheel, the model and the references.
     Pip,
+    /// HAProxy, the load balancer of the replica test (`deploy-test`).
+    Haproxy,
+    /// Prometheus and its `promtool`, which scrape the replicas in
+    /// `deploy-test` and check the shipped rules.
+    Prometheus,
 }
 
 /// What the Rust build needs.
 pub const BUILD: [Need; 4] = [Need::Cmake, Need::Cxx, Need::Libclang, Need::Openblas];
+
+/// What the replica test needs besides the build: `ci` installs it with the
+/// references, `serve` never does.
+pub const DEPLOY: [Need; 2] = [Need::Haproxy, Need::Prometheus];
 
 impl Need {
     /// The Debian/Ubuntu packages that provide it.
@@ -43,6 +52,8 @@ impl Need {
             Need::Libclang => &["libclang-dev"],
             Need::Openblas => &["libopenblas0-pthread"],
             Need::Pip => &["python3", "python3-pip"],
+            Need::Haproxy => &["haproxy"],
+            Need::Prometheus => &["prometheus"],
         }
     }
 
@@ -54,6 +65,8 @@ impl Need {
                 Some("the Xcode command line tools (`xcode-select --install`)")
             }
             Need::Pip => Some("Python 3 with pip (`brew install python`)"),
+            Need::Haproxy => Some("`brew install haproxy`"),
+            Need::Prometheus => Some("`brew install prometheus`"),
             // MLX uses Accelerate on macOS.
             Need::Openblas => None,
         }
@@ -67,6 +80,10 @@ impl Need {
             Need::Libclang => libclang_present(),
             Need::Openblas => cfg!(target_os = "macos") || openblas_present(),
             Need::Pip => pip_works(),
+            Need::Haproxy => find_program("haproxy").is_some(),
+            Need::Prometheus => {
+                find_program("prometheus").is_some() && find_program("promtool").is_some()
+            }
         }
     }
 }
@@ -80,7 +97,7 @@ pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
     if cfg!(target_os = "macos") {
         let hints: Vec<&str> = missing.iter().filter_map(|n| n.macos()).collect();
         bail!(
-            "missing build tools: install {}, then run this command again",
+            "missing tools: install {}, then run this command again",
             hints.join(" and ")
         );
     }
@@ -122,6 +139,17 @@ fn apt_get() -> Command {
 fn on_path(name: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| is_executable(&dir.join(name))))
+}
+
+/// Where the executable `name` is: a `PATH` folder, else one of the `sbin`
+/// folders, which a non-root user's `PATH` often lacks although Debian
+/// installs daemons such as HAProxy there.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -219,8 +247,15 @@ mod tests {
     }
 
     #[test]
+    fn a_program_is_found_on_path_and_a_made_up_one_is_not() {
+        let sh = find_program("sh").expect("sh is on every Unix system");
+        assert!(is_executable(&sh), "{}", sh.display());
+        assert!(find_program("no-such-command-for-xtask").is_none());
+    }
+
+    #[test]
     fn every_need_names_a_debian_package_and_a_way_on_macos_where_needed() {
-        for need in [BUILD.as_slice(), &[Need::Pip]].concat() {
+        for need in [BUILD.as_slice(), &DEPLOY, &[Need::Pip]].concat() {
             assert!(!need.debian().is_empty(), "{need:?}");
             assert_eq!(need.macos().is_none(), need == Need::Openblas, "{need:?}");
         }
