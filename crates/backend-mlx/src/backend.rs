@@ -24,7 +24,8 @@ use crate::{
     kv_pool::KvPool,
     model::{llama::Decode, Chunk, LlamaModel, ModelConfig, ModelDType, ModelInfo, StepBatch},
     profile::{Profiler, Stage, StepProfile},
-    sampling, Device,
+    sampling::{self, History},
+    Device,
 };
 
 /// The KV memory budget when neither `kv_tokens` nor `kv_memory_bytes` is
@@ -94,6 +95,8 @@ struct Sequence {
     last: Option<u32>,
     sampling: SamplingParams,
     seed: u64,
+    /// What penalties look at.
+    history: History,
 }
 
 /// A Llama-family model on MLX with a paged KV cache.
@@ -395,8 +398,17 @@ impl Backend for MlxBackend {
                 last: None,
                 sampling: sampling.clone(),
                 seed,
+                history: History::new(context, 0),
             },
         );
+        Ok(())
+    }
+
+    fn mark_generated(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error> {
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return Err(BackendError::UnknownSequence(id));
+        };
+        seq.history = History::new(&seq.context, tokens.min(seq.context.len()));
         Ok(())
     }
 
@@ -453,8 +465,17 @@ impl Backend for MlxBackend {
             .model
             .forward_profiled(&batch, &mut self.pool, &mut self.profiler)?;
         match &logits {
-            Some(l) => mlx_rs::transforms::eval([l])?,
+            Some(l) => {
+                // Grammar masks are computed on the host while the device
+                // runs the step.
+                mlx_rs::transforms::async_eval([l])?;
+            }
             None => mlx_rs::transforms::eval(self.pool.all_arrays())?,
+        }
+        let vocab_width = self.info.vocab_size;
+        let masks = self.grammar_masks(plan, &planned, vocab_width);
+        if let Some(l) = &logits {
+            mlx_rs::transforms::eval([l])?;
         }
         let empty: &[f32] = &[];
         let host = logits.as_ref().map_or(empty, |l| l.as_slice::<f32>());
@@ -462,7 +483,8 @@ impl Backend for MlxBackend {
 
         let mut rows = HashMap::new();
         let mut results = Vec::with_capacity(plan.items.len());
-        for (item, p) in plan.items.iter().zip(planned) {
+        for ((item, p), mask) in plan.items.iter().zip(planned).zip(masks) {
+            let mut logprobs = None;
             let outcome = match p {
                 Planned::Failed(message) => SequenceOutcome::Failed(message),
                 Planned::Pending => {
@@ -481,17 +503,41 @@ impl Backend for MlxBackend {
                         });
                         continue;
                     };
-                    let token = sampling::sample(row_logits, &seq.sampling, seq.seed, position);
-                    seq.last = Some(token);
-                    rows.insert(item.id, row);
-                    self.advance(item.id, item.kind);
-                    SequenceOutcome::Token(token)
+                    match mask {
+                        Err(message) => SequenceOutcome::Failed(message),
+                        Ok(mask) => {
+                            let sampled = sampling::sample_row(
+                                row_logits,
+                                &seq.sampling,
+                                &seq.history,
+                                mask.as_deref(),
+                                seq.seed,
+                                position,
+                            );
+                            let token = sampled.token;
+                            let consumed = match &seq.sampling.constraint {
+                                Some(c) => c.lock().consume(token).map_err(|e| e.to_string()),
+                                None => Ok(()),
+                            };
+                            match consumed {
+                                Err(message) => SequenceOutcome::Failed(message),
+                                Ok(()) => {
+                                    seq.history.push(token);
+                                    seq.last = Some(token);
+                                    logprobs = sampled.logprobs;
+                                    rows.insert(item.id, row);
+                                    self.advance(item.id, item.kind);
+                                    SequenceOutcome::Token(token)
+                                }
+                            }
+                        }
+                    }
                 }
             };
             results.push(SequenceResult {
                 id: item.id,
                 outcome,
-                logprobs: None,
+                logprobs,
             });
         }
         self.last_logits = logits.map(|l| (l, rows));
@@ -519,6 +565,38 @@ impl Backend for MlxBackend {
 }
 
 impl MlxBackend {
+    /// The grammar mask of every item that samples under a constraint
+    /// (`Ok(None)` for the others), or why its grammar cannot go on.
+    fn grammar_masks(
+        &self,
+        plan: &StepPlan,
+        planned: &[Planned],
+        vocab: usize,
+    ) -> Vec<Result<Option<Vec<u32>>, String>> {
+        plan.items
+            .iter()
+            .zip(planned)
+            .map(|(item, p)| {
+                let constraint = match p {
+                    Planned::Sample(..) => self
+                        .sequences
+                        .get(&item.id)
+                        .and_then(|s| s.sampling.constraint.as_ref()),
+                    _ => None,
+                };
+                let Some(constraint) = constraint else {
+                    return Ok(None);
+                };
+                let mut mask = vec![0u32; vocab.div_ceil(32)];
+                constraint
+                    .lock()
+                    .fill_mask(&mut mask)
+                    .map(|()| Some(mask))
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
     /// Refuses a step whose working set would not fit in the memory limit
     /// beside the weights and the whole KV budget (which the pool may still
     /// grow into), before anything changes: the scheduler then retries with

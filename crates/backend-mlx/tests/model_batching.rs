@@ -202,3 +202,66 @@ fn a_one_token_prompt_first_leaves_later_steps_exact() {
     let after = generate_batched(&mut backend, &[long.clone()], 6, 1 << 20, 0, &greedy());
     assert_eq!(after[0], expected);
 }
+
+/// Generates `steps` tokens for one sequence whose context ends with
+/// `generated` tokens of its own earlier output (a recomputation).
+fn resume(
+    dir: &std::path::Path,
+    context: &[u32],
+    generated: usize,
+    steps: usize,
+    sampling: &SamplingParams,
+) -> Vec<u32> {
+    let mut backend = load(dir, None);
+    let id = RequestId::from(1);
+    backend.add_sequence(id, context, sampling).unwrap();
+    backend.mark_generated(id, generated).unwrap();
+    let mut tables = model_support::Tables::default();
+    let mut out = Vec::new();
+    let mut kind = WorkKind::Prefill { len: context.len() };
+    while out.len() < steps {
+        let plan = tables.plan(vec![StepItem { id, kind }]);
+        let result = backend.step(&plan).unwrap().results.remove(0);
+        match result.outcome {
+            SequenceOutcome::Token(t) => out.push(t),
+            other => panic!("{other:?}"),
+        }
+        kind = WorkKind::Decode;
+    }
+    out
+}
+
+#[test]
+fn penalties_and_logit_bias_give_the_same_tokens_after_a_preemption() {
+    let dir = TempDir::new("penalties");
+    write_tiny_model(&dir.0, &TinySpec::default());
+    let banned = 5u32;
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        seed: Some(11),
+        presence_penalty: 0.5,
+        frequency_penalty: 1.5,
+        repetition_penalty: 1.3,
+        logit_bias: vec![(banned, -100.0)],
+        ..Default::default()
+    };
+    let prompt: Vec<u32> = (1..20).collect();
+    let full = alone(&dir.0, &prompt, 12, &sampling);
+    assert!(!full.contains(&banned), "{full:?}");
+    let mut context = prompt.clone();
+    context.extend_from_slice(&full[..5]);
+    assert_eq!(resume(&dir.0, &context, 5, 7, &sampling), full[5..]);
+    // Without telling the backend which tokens were generated, the
+    // penalties would count differently, so the check above can fail.
+    let plain_penalties = SamplingParams {
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        repetition_penalty: 1.0,
+        ..sampling.clone()
+    };
+    assert_ne!(
+        alone(&dir.0, &prompt, 12, &plain_penalties),
+        full,
+        "the penalties change the output"
+    );
+}

@@ -177,6 +177,17 @@ pub trait Backend {
         sampling: &SamplingParams,
     ) -> Result<(), Self::Error>;
 
+    /// Tells the backend that the last `tokens` context tokens of a sequence
+    /// it was just given are the sequence's own earlier output (it is being
+    /// recomputed after a preemption), so that penalties on generated
+    /// tokens count them as before. Called right after `add_sequence`,
+    /// before any plan names the sequence. Backends without such penalties
+    /// may ignore it.
+    fn mark_generated(&mut self, id: RequestId, tokens: usize) -> Result<(), Self::Error> {
+        let _ = (id, tokens);
+        Ok(())
+    }
+
     /// Tells the backend that the first `tokens` context tokens of a
     /// sequence it was just given are already in the first blocks of its
     /// table (a prefix-cache hit: other sequences wrote them): its prefill

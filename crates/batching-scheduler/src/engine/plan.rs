@@ -245,9 +245,14 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
                 }
                 req.cached_prompt_tokens = Some(cached.min(req.prompt_tokens.len()));
             }
+            let generated = req.generated_tokens.len();
             let added = self
                 .backend
                 .add_sequence(id, &context, &req.sampling)
+                .and_then(|()| match generated {
+                    0 => Ok(()),
+                    n => self.backend.mark_generated(id, n),
+                })
                 .and_then(|()| match cached {
                     0 => Ok(()),
                     n => self.backend.use_cached_prefix(id, n),
