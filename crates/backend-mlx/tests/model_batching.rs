@@ -199,7 +199,14 @@ fn a_one_token_prompt_first_leaves_later_steps_exact() {
     let mut backend = load(&dir.0, None);
     let first = generate_batched(&mut backend, &[vec![7]], 3, 1 << 20, 0, &greedy());
     assert_eq!(first[0].len(), 3);
-    let after = generate_batched(&mut backend, &[long.clone()], 6, 1 << 20, 0, &greedy());
+    let after = generate_batched(
+        &mut backend,
+        std::slice::from_ref(&long),
+        6,
+        1 << 20,
+        0,
+        &greedy(),
+    );
     assert_eq!(after[0], expected);
 }
 
