@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub stream_stall_timeout: Duration,
     /// Timeouts and the cap of the connection layer.
     pub connections: ConnectionLimits,
+    /// The temperature of requests that give none (OpenAI's default is 1).
+    pub default_temperature: f32,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(10),
             stream_stall_timeout: Duration::from_secs(15),
             connections: ConnectionLimits::default(),
+            default_temperature: 1.0,
         }
     }
 }

@@ -65,6 +65,13 @@ impl TextModel for ByteTextModel {
     fn decoder(&self) -> Box<dyn StreamDecoder> {
         Box::new(Utf8Decoder::default())
     }
+
+    fn token_text(&self, token: u32) -> String {
+        u8::try_from(token).map_or_else(
+            |_| String::new(),
+            |b| String::from_utf8_lossy(&[b]).into_owned(),
+        )
+    }
 }
 
 /// Collects bytes and releases the longest valid UTF-8 prefix.

@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// cancelled, freeing its KV cache.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     pub stream_stall_timeout: Duration,
+    /// The sampling temperature of requests that set none. OpenAI's API
+    /// defaults to 1; set 0 for greedy decoding by default.
+    #[arg(long, default_value_t = 1.0)]
+    pub default_temperature: f32,
     /// The most connections served at once; more are closed at once. It is
     /// lowered to fit below the process's file limit, which the server
     /// raises to its hard limit at start.

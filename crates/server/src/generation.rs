@@ -8,7 +8,7 @@
 //! client that disconnects mid-stream, or a matched stop string, ends the
 //! work on the engine side.
 
-use batching_types::{FailureKind, FinishReason, OutputEvent};
+use batching_types::{FailureKind, FinishReason, OutputEvent, TokenLogprobs};
 use futures::StreamExt;
 
 use crate::{
@@ -27,6 +27,15 @@ pub struct Finish {
     pub usage: UsageOut,
 }
 
+/// A generated token with its log probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    /// The token.
+    pub token: u32,
+    /// Its log probability and the top alternatives.
+    pub logprobs: TokenLogprobs,
+}
+
 /// What one read produced: new text, and the finish when it is the last.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -34,6 +43,24 @@ pub struct Step {
     pub text: String,
     /// Set in the last step only.
     pub finish: Option<Finish>,
+    /// The log probabilities of the tokens read since the last step (when
+    /// the request asked for them): those whose text this step carries, and
+    /// any whose text is still held back by the detokenizer or a possible
+    /// stop string.
+    pub logprobs: Vec<TokenInfo>,
+}
+
+/// A whole answer, as [`Generation::collect`] returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    /// The text.
+    pub text: String,
+    /// `stop` or `length`.
+    pub reason: &'static str,
+    /// Token counts.
+    pub usage: UsageOut,
+    /// Every output token's log probabilities, when asked for.
+    pub logprobs: Vec<TokenInfo>,
 }
 
 /// Everything a [`Generation`] needs besides the event stream.
@@ -61,6 +88,8 @@ pub struct Generation {
     completion_tokens: usize,
     finished: bool,
     request_name: String,
+    /// Log probabilities not yet handed out in a step.
+    logprobs: Vec<TokenInfo>,
 }
 
 impl Generation {
@@ -75,6 +104,7 @@ impl Generation {
             completion_tokens: 0,
             finished: false,
             request_name: config.request_name,
+            logprobs: Vec::new(),
         }
     }
 
@@ -89,7 +119,9 @@ impl Generation {
                 None => None,
             };
             let step = match event {
-                Some(OutputEvent::Token { token, .. }) => self.on_token(token),
+                Some(OutputEvent::Token {
+                    token, logprobs, ..
+                }) => self.on_token(token, logprobs),
                 Some(OutputEvent::Finished {
                     reason,
                     usage,
@@ -122,13 +154,20 @@ impl Generation {
         }
     }
 
-    /// Reads everything and returns the whole text, or the error.
-    pub async fn collect(mut self) -> Result<(String, &'static str, UsageOut), ApiError> {
+    /// Reads everything and returns the whole answer, or the error.
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         while let Some(step) = self.next_step().await {
             text.push_str(&step.text);
+            logprobs.extend(step.logprobs);
             if let Some(finish) = step.finish {
-                return finish.outcome.map(|reason| (text, reason, finish.usage));
+                return finish.outcome.map(|reason| Collected {
+                    text,
+                    reason,
+                    usage: finish.usage,
+                    logprobs,
+                });
             }
         }
         Err(ApiError::internal("the response ended without a finish"))
@@ -138,11 +177,14 @@ impl Generation {
         UsageOut::new(self.prompt_tokens, self.completion_tokens, 0)
     }
 
-    fn on_token(&mut self, token: u32) -> Option<Step> {
+    fn on_token(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Option<Step> {
         self.completion_tokens += 1;
         if self.eos.contains(&token) {
             // The finish event follows; an end-of-sequence token is no text.
             return None;
+        }
+        if let Some(logprobs) = logprobs {
+            self.logprobs.push(TokenInfo { token, logprobs });
         }
         let text = match self.decoder.push(token) {
             Ok(text) => text,
@@ -159,7 +201,11 @@ impl Generation {
         };
         match self.stop.push(&text) {
             StopOutcome::Continue(text) if text.is_empty() => None,
-            StopOutcome::Continue(text) => Some(Step { text, finish: None }),
+            StopOutcome::Continue(text) => Some(Step {
+                text,
+                finish: None,
+                logprobs: std::mem::take(&mut self.logprobs),
+            }),
             StopOutcome::Stopped(text) => {
                 let usage = self.usage();
                 Some(self.end(text, Ok("stop"), usage))
@@ -216,6 +262,7 @@ impl Generation {
         Step {
             text,
             finish: Some(Finish { outcome, usage }),
+            logprobs: std::mem::take(&mut self.logprobs),
         }
     }
 }

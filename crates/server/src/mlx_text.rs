@@ -77,6 +77,10 @@ impl TextModel for MlxTextModel {
     fn decoder(&self) -> Box<dyn StreamDecoder> {
         Box::new(Decoder(self.tokenizer.decode_stream()))
     }
+
+    fn token_text(&self, token: u32) -> String {
+        self.tokenizer.decode(&[token]).unwrap_or_default()
+    }
 }
 
 struct Decoder(DecodeStream);

@@ -4,10 +4,12 @@
 //! engine sees it, so that each refusal names its parameter and nothing
 //! invalid ever takes a place in the queue.
 
-use std::time::Instant;
+use std::{collections::HashMap, time::Instant};
 
 use axum::http::HeaderMap;
-use batching_types::{NewRequest, Priority, SamplingParams, SharedStopCondition, TypesError};
+use batching_types::{
+    NewRequest, Priority, SamplingParams, SharedConstraint, SharedStopCondition, TypesError,
+};
 
 use crate::{
     app::AppState,
@@ -38,6 +40,15 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
+/// What one endpoint asks of a request beyond the common parameters.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointOptions {
+    /// Report log probabilities with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// A grammar the output must follow.
+    pub constraint: Option<SharedConstraint>,
+}
+
 /// What the HTTP edge knows of a request besides its body.
 pub struct Edge<'a> {
     /// Its headers (`x-priority`).
@@ -63,6 +74,7 @@ pub fn prepare(
     prompt_param: &str,
     params: &CommonParams,
     edge: &Edge<'_>,
+    options: EndpointOptions,
 ) -> Result<Prepared, ApiError> {
     let headers = edge.headers;
     if let Some(n) = params.n {
@@ -88,6 +100,8 @@ pub fn prepare(
     }
     let max_tokens = max_tokens(state, prompt_tokens.len(), prompt_param, params)?;
     let mut sampling = sampling(state, params)?;
+    sampling.logprobs = options.logprobs;
+    sampling.constraint = options.constraint;
     let priority = priority(params, headers)?;
     let stop = stop_strings(params.stop.as_ref())?;
     if !stop.is_empty() {
@@ -181,15 +195,19 @@ fn sampling(state: &AppState, params: &CommonParams) -> Result<SamplingParams, A
         }
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
+    // f64 to f32 loses only precision no sampler can tell apart.
+    let f = |v: Option<f64>, default: f32| v.map_or(default, |v| v as f32);
     let sampling = SamplingParams {
-        // f64 to f32 loses only precision no sampler can tell apart.
-        temperature: params
-            .temperature
-            .map_or(defaults.temperature, |t| t as f32),
-        top_p: params.top_p.map_or(defaults.top_p, |p| p as f32),
+        temperature: f(params.temperature, state.config.default_temperature),
+        top_p: f(params.top_p, defaults.top_p),
         top_k,
         seed: params.seed.map(|s| u64::from_ne_bytes(s.to_ne_bytes())),
         stop_token_ids: state.model.eos_token_ids(),
+        min_p: f(params.min_p, defaults.min_p),
+        presence_penalty: f(params.presence_penalty, defaults.presence_penalty),
+        frequency_penalty: f(params.frequency_penalty, defaults.frequency_penalty),
+        repetition_penalty: f(params.repetition_penalty, defaults.repetition_penalty),
+        logit_bias: logit_bias(state, params.logit_bias.as_ref())?,
         ..SamplingParams::default()
     };
     sampling.validate().map_err(|e| match e {
@@ -199,6 +217,50 @@ fn sampling(state: &AppState, params: &CommonParams) -> Result<SamplingParams, A
         other => ApiError::bad_json(other.to_string()),
     })?;
     Ok(sampling)
+}
+
+/// `logit_bias`: token ids as strings, each below the vocabulary size.
+fn logit_bias(
+    state: &AppState,
+    bias: Option<&HashMap<String, f64>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    let vocab = state.model.vocab_size();
+    let mut out = Vec::with_capacity(bias.len());
+    for (key, &value) in bias {
+        let token = key
+            .parse::<u32>()
+            .ok()
+            .filter(|&t| (t as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "logit_bias",
+                    format!("{key:?} is not a token id below the vocabulary size of {vocab}"),
+                )
+            })?;
+        out.push((token, value as f32));
+    }
+    // A fixed order keeps the request's sampling independent of the map's.
+    out.sort_by_key(|&(t, _)| t);
+    Ok(out)
+}
+
+/// The number of alternatives asked for, checked against OpenAI's limit.
+pub fn top_logprobs(param: &str, n: i64) -> Result<usize, ApiError> {
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= SamplingParams::MAX_TOP_LOGPROBS)
+        .ok_or_else(|| {
+            ApiError::invalid_param(
+                param,
+                format!(
+                    "{param} must be between 0 and {}, got {n}",
+                    SamplingParams::MAX_TOP_LOGPROBS
+                ),
+            )
+        })
 }
 
 fn priority(params: &CommonParams, headers: &HeaderMap) -> Result<Priority, ApiError> {

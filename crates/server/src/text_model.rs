@@ -43,4 +43,7 @@ pub trait TextModel: Send + Sync + 'static {
     fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String>;
     /// A fresh incremental decoder for one response.
     fn decoder(&self) -> Box<dyn StreamDecoder>;
+    /// One token's own text, as log probabilities show it (a token that is
+    /// only part of a character shows as the replacement character).
+    fn token_text(&self, token: u32) -> String;
 }

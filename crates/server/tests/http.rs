@@ -308,6 +308,55 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
             400,
             Some("max_tokens"),
         ),
+        (
+            "unknown field",
+            chat(json!({"functions": []})),
+            400,
+            Some("functions"),
+        ),
+        (
+            "presence_penalty",
+            chat(json!({"presence_penalty": 3})),
+            400,
+            Some("presence_penalty"),
+        ),
+        (
+            "frequency_penalty",
+            chat(json!({"frequency_penalty": -2.5})),
+            400,
+            Some("frequency_penalty"),
+        ),
+        (
+            "repetition_penalty",
+            chat(json!({"repetition_penalty": 0})),
+            400,
+            Some("repetition_penalty"),
+        ),
+        ("min_p", chat(json!({"min_p": 1.5})), 400, Some("min_p")),
+        (
+            "logit_bias key",
+            chat(json!({"logit_bias": {"hello": 5}})),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            "logit_bias value",
+            chat(json!({"logit_bias": {"65": 500}})),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            "top_logprobs alone",
+            chat(json!({"top_logprobs": 2})),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "top_logprobs",
+            chat(json!({"logprobs": true, "top_logprobs": 25})),
+            400,
+            Some("top_logprobs"),
+        ),
         ("wrong type", chat(json!({"max_tokens": "many"})), 400, None),
         ("missing model", json!({"messages": []}), 400, None),
         (
@@ -330,6 +379,29 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
         seen.push(json!({"case": name, "status": got, "error": err["error"]}));
     }
     insta::assert_json_snapshot!("request_errors", seen);
+    // The same for text completions' own fields.
+    let (got, _, err) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "a", "logprobs": 21}),
+        )
+        .await;
+    assert_eq!(
+        (got, err["error"]["param"].as_str()),
+        (400, Some("logprobs"))
+    );
+    let (got, _, err) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "a", "messages": []}),
+        )
+        .await;
+    assert_eq!(
+        (got, err["error"]["param"].as_str()),
+        (400, Some("messages")),
+        "{err}"
+    );
+    assert_eq!(err["error"]["code"], "unknown_parameter");
 
     let (status, _, err) = s
         .post(
@@ -898,4 +970,62 @@ mod slow_clients {
         );
         drop(reader);
     }
+}
+
+#[tokio::test]
+async fn log_probabilities_come_in_each_endpoints_shape_streamed_or_not() {
+    let s = TestServer::start(Options::default()).await;
+    let mut body = chat_body("x", 6);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    let (status, _, answer) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), 6);
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // The sim's sampled token is its most likely one.
+        assert_eq!(top[0]["token"], entry["token"]);
+        assert_eq!(top[0]["logprob"], entry["logprob"]);
+        assert!(entry["logprob"].as_f64().unwrap() < 0.0);
+        assert!(entry["bytes"].is_array());
+    }
+    // Streamed: the chunks' entries add up to the same.
+    body["stream"] = json!(true);
+    let payloads = SseReader::new(s.open_stream("/v1/chat/completions", &body).await)
+        .all()
+        .await;
+    let streamed: usize = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map(Vec::len)
+        })
+        .sum();
+    assert_eq!(streamed, 6);
+    // Without asking, none.
+    let (_, _, plain) = s.post("/v1/chat/completions", &chat_body("x", 2)).await;
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    let text = json!({"model": MODEL, "prompt": "abc", "max_tokens": 5, "logprobs": 3});
+    let (status, _, answer) = s.post("/v1/completions", &text).await;
+    assert_eq!(status, 200, "{answer}");
+    let lp = &answer["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 3);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
 }

@@ -69,6 +69,7 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
                 stall_timeout: args.stall_timeout.0.unwrap_or(Duration::MAX),
             },
             body_read_timeout: args.body_read_timeout,
+            default_temperature: args.default_temperature,
             stream_stall_timeout: args.stream_stall_timeout,
             connections: ConnectionLimits {
                 header_read_timeout: args.header_read_timeout,

@@ -91,6 +91,18 @@ impl ApiError {
             .with_code("invalid_value")
     }
 
+    /// 400: a request field this server does not know (OpenAI's own API
+    /// refuses unknown arguments rather than ignore them).
+    pub fn unknown_param(param: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            INVALID,
+            format!("Unrecognized request argument supplied: {param}"),
+        )
+        .with_param(param)
+        .with_code("unknown_parameter")
+    }
+
     /// 400: prompt plus `max_tokens` do not fit the model's context.
     pub fn context_length(param: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, INVALID, message)

@@ -12,7 +12,7 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::openai::errors::ApiError;
+use crate::openai::{errors::ApiError, types::KnownFields};
 
 /// A JSON request body of type `T`.
 #[derive(Debug, Clone)]
@@ -24,7 +24,7 @@ pub const DEFAULT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 impl<S, T> FromRequest<S> for OpenAiJson<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + KnownFields,
 {
     type Rejection = ApiError;
 
@@ -44,7 +44,15 @@ where
             .await
             .map_err(|_| ApiError::body_timeout(deadline))?
             .map_err(|e| body_error(&e, limit))?;
-        serde_json::from_slice(&bytes)
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
+        if let Some(unknown) = value
+            .as_object()
+            .and_then(|fields| fields.keys().find(|k| !T::is_known(k)))
+        {
+            return Err(ApiError::unknown_param(unknown));
+        }
+        serde_json::from_value(value)
             .map(OpenAiJson)
             .map_err(|e| json_error(&e))
     }

@@ -4,9 +4,49 @@
 //! Request fields are deliberately loose (`Option`, signed integers) so that
 //! a value of the right type but outside its range reaches validation, which
 //! names the parameter, instead of failing inside serde with a vaguer
-//! message. Unknown fields are ignored, as OpenAI's own server does.
+//! message. A field this server does not know is refused with a 400 that
+//! names it (see [`KnownFields`]), as OpenAI's own API does: silently
+//! ignoring one would make a client believe it was honoured.
+
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
+
+/// The top-level fields a request body may carry; any other is refused.
+pub trait KnownFields {
+    /// The fields of this endpoint besides [`COMMON_FIELDS`].
+    const FIELDS: &'static [&'static str];
+
+    /// Whether `field` may appear in this endpoint's body.
+    fn is_known(field: &str) -> bool {
+        COMMON_FIELDS.contains(&field) || Self::FIELDS.contains(&field)
+    }
+}
+
+/// The fields every completion endpoint takes ([`CommonParams`], the model
+/// and `logprobs`, whose meaning differs by endpoint).
+pub const COMMON_FIELDS: [&str; 20] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "priority",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "response_format",
+    "logprobs",
+];
 
 /// Fields shared by chat and text completions.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -35,6 +75,20 @@ pub struct CommonParams {
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
+    /// Keep only tokens at least this likely relative to the best, 0 to 1
+    /// (an extension).
+    pub min_p: Option<f64>,
+    /// Penalise tokens already generated, -2 to 2.
+    pub presence_penalty: Option<f64>,
+    /// Penalise tokens by how often they were generated, -2 to 2.
+    pub frequency_penalty: Option<f64>,
+    /// Hugging Face's repetition penalty over prompt and output, above 0
+    /// (an extension; 1 is off).
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) to a bias from -100 to 100.
+    pub logit_bias: Option<HashMap<String, f64>>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `stop`: a string or an array of strings.
@@ -61,9 +115,29 @@ pub struct ChatCompletionRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<ChatMessageIn>,
+    /// Return the log probability of each output token.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, this many most likely alternatives, 0 to 20.
+    pub top_logprobs: Option<i64>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Whether several calls may come in one answer.
+    pub parallel_tool_calls: Option<bool>,
     /// Generation parameters.
     #[serde(flatten)]
     pub params: CommonParams,
+}
+
+impl KnownFields for ChatCompletionRequest {
+    const FIELDS: &'static [&'static str] = &[
+        "messages",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    ];
 }
 
 /// One message of a chat request.
@@ -105,9 +179,16 @@ pub struct CompletionRequest {
     pub prompt: PromptParam,
     /// Echo the prompt before the completion; only `false` is supported.
     pub echo: Option<bool>,
+    /// Return the log probability of each output token and this many most
+    /// likely alternatives, 0 to 20.
+    pub logprobs: Option<i64>,
     /// Generation parameters.
     #[serde(flatten)]
     pub params: CommonParams,
+}
+
+impl KnownFields for CompletionRequest {
+    const FIELDS: &'static [&'static str] = &["prompt", "echo"];
 }
 
 /// `prompt`: text or token ids, one prompt or a batch of one.
@@ -181,8 +262,8 @@ pub struct ChatChoice {
     pub index: u32,
     /// The assistant's message.
     pub message: AssistantMessage,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// The output tokens' log probabilities, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
 }
@@ -221,8 +302,9 @@ pub struct ChatChunkChoice {
     pub index: u32,
     /// What is new.
     pub delta: ChatDelta,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// The log probabilities of the tokens this chunk covers, when asked
+    /// for.
+    pub logprobs: Option<ChatLogprobs>,
     /// Set in the last chunk of the choice.
     pub finish_reason: Option<&'static str>,
 }
@@ -263,10 +345,54 @@ pub struct TextChoice {
     pub text: String,
     /// Always 0.
     pub index: u32,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// The output tokens' log probabilities, when asked for.
+    pub logprobs: Option<TextLogprobs>,
     /// `stop` or `length`; null until the last chunk of a stream.
     pub finish_reason: Option<&'static str>,
+}
+
+/// Chat log probabilities: one entry per output token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChatLogprobs {
+    /// The tokens, in order.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One output token of a chat answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log probability.
+    pub logprob: f32,
+    /// Its text's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative at a position.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log probability.
+    pub logprob: f32,
+    /// Its text's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Text-completion log probabilities, in the legacy column layout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TextLogprobs {
+    /// The tokens' texts.
+    pub tokens: Vec<String>,
+    /// Their log probabilities.
+    pub token_logprobs: Vec<f32>,
+    /// Per position, the most likely tokens' texts and log probabilities.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Each token's character offset in the completion text.
+    pub text_offset: Vec<usize>,
 }
 
 /// `GET /v1/models`.

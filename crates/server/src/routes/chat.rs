@@ -6,6 +6,8 @@ use axum::{
     response::{IntoResponse, Response},
     Extension, Json,
 };
+use std::sync::Arc;
+
 use futures::{stream, StreamExt};
 
 use crate::{
@@ -16,17 +18,18 @@ use crate::{
         extract::OpenAiJson,
         types::{
             AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-            ChatCompletionRequest, ChatDelta, ChatMessageIn, MessageContent,
+            ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, MessageContent,
         },
     },
-    prepare::{check_model, prepare, Edge},
+    prepare::{check_model, prepare, top_logprobs, Edge, EndpointOptions},
     request_id::RequestName,
     routes::{
+        self,
         streaming::{first_step, items, StreamItem},
         unix_now,
     },
     sse,
-    text_model::ChatMessage,
+    text_model::{ChatMessage, TextModel},
 };
 
 /// Roles a chat template can be expected to know.
@@ -49,6 +52,16 @@ pub async fn handler(
         .model
         .encode(&prompt)
         .map_err(|e| ApiError::invalid_param("messages", format!("tokenizer: {e:#}")))?;
+    let logprobs = match (body.logprobs, body.top_logprobs) {
+        (Some(true), top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0))?),
+        (_, Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "top_logprobs needs logprobs set to true",
+            ))
+        }
+        _ => None,
+    };
     let prepared = prepare(
         &state,
         tokens,
@@ -58,6 +71,10 @@ pub async fn handler(
             headers: &headers,
             name: &name,
         },
+        EndpointOptions {
+            logprobs,
+            ..EndpointOptions::default()
+        },
     )?;
     let id = format!("chatcmpl-{}", name.0);
     let created = unix_now();
@@ -66,7 +83,7 @@ pub async fn handler(
     let mut generation = Generation::new(events, prepared.generation);
 
     if !prepared.stream {
-        let (content, reason, usage) = generation.collect().await?;
+        let answer = generation.collect().await?;
         return Ok(Json(ChatCompletion {
             id,
             object: "chat.completion",
@@ -76,12 +93,13 @@ pub async fn handler(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content,
+                    content: answer.text,
                 },
-                logprobs: None,
-                finish_reason: reason,
+                logprobs: logprobs
+                    .map(|_| routes::logprobs::chat(state.model.as_ref(), &answer.logprobs)),
+                finish_reason: answer.reason,
             }],
-            usage,
+            usage: answer.usage,
         })
         .into_response());
     }
@@ -92,12 +110,14 @@ pub async fn handler(
         created,
         model,
         include_usage: prepared.include_usage,
+        logprobs: logprobs.map(|_| Arc::clone(&state.model)),
     };
     let opening = chunker.chunk(
         ChatDelta {
             role: Some("assistant"),
             content: Some(String::new()),
         },
+        None,
         None,
     );
     let rest = items(first, generation).flat_map(move |item| stream::iter(chunker.payloads(item)));
@@ -169,10 +189,17 @@ struct Chunker {
     created: u64,
     model: String,
     include_usage: bool,
+    /// The text model, when log probabilities were asked for.
+    logprobs: Option<Arc<dyn TextModel>>,
 }
 
 impl Chunker {
-    fn chunk(&self, delta: ChatDelta, finish_reason: Option<&'static str>) -> String {
+    fn chunk(
+        &self,
+        delta: ChatDelta,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
         self.to_json(ChatChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -181,7 +208,7 @@ impl Chunker {
             choices: vec![ChatChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage: self.include_usage.then_some(None),
@@ -190,15 +217,18 @@ impl Chunker {
 
     fn payloads(&self, item: StreamItem) -> Vec<String> {
         match item {
-            StreamItem::Text(text) => vec![self.chunk(
+            StreamItem::Text(text, tokens) => vec![self.chunk(
                 ChatDelta {
                     role: None,
                     content: Some(text),
                 },
+                self.logprobs
+                    .as_ref()
+                    .map(|model| routes::logprobs::chat(model.as_ref(), &tokens)),
                 None,
             )],
             StreamItem::Finish { reason, usage } => {
-                let mut out = vec![self.chunk(ChatDelta::default(), Some(reason))];
+                let mut out = vec![self.chunk(ChatDelta::default(), None, Some(reason))];
                 if self.include_usage {
                     out.push(self.to_json(ChatChunk {
                         id: self.id.clone(),

@@ -6,23 +6,29 @@ use axum::{
     response::{IntoResponse, Response},
     Extension, Json,
 };
+use std::sync::Arc;
+
 use futures::{stream, StreamExt};
 
 use crate::{
     app::AppState,
-    generation::Generation,
+    generation::{Generation, TokenInfo},
     openai::{
         errors::ApiError,
         extract::OpenAiJson,
-        types::{CompletionRequest, PromptParam, TextChoice, TextCompletion, UsageOut},
+        types::{
+            CompletionRequest, PromptParam, TextChoice, TextCompletion, TextLogprobs, UsageOut,
+        },
     },
-    prepare::{check_model, prepare, Edge},
+    prepare::{check_model, prepare, top_logprobs, Edge, EndpointOptions},
     request_id::RequestName,
     routes::{
+        self,
         streaming::{first_step, items, StreamItem},
         unix_now,
     },
     sse,
+    text_model::TextModel,
 };
 
 /// Answers a text completion, streamed or not.
@@ -40,6 +46,10 @@ pub async fn handler(
         ));
     }
     let tokens = prompt_tokens(&state, &body.prompt)?;
+    let logprobs = body
+        .logprobs
+        .map(|n| top_logprobs("logprobs", n))
+        .transpose()?;
     let prepared = prepare(
         &state,
         tokens,
@@ -49,19 +59,29 @@ pub async fn handler(
             headers: &headers,
             name: &name,
         },
+        EndpointOptions {
+            logprobs,
+            ..EndpointOptions::default()
+        },
     )?;
-    let shape = Shape {
+    let mut shape = Shape {
         id: format!("cmpl-{}", name.0),
         created: unix_now(),
         model: body.model,
         include_usage: prepared.include_usage,
+        logprobs: logprobs.map(|_| Arc::clone(&state.model)),
+        sent_chars: 0,
     };
     let events = state.engine.submit(prepared.request)?;
     let mut generation = Generation::new(events, prepared.generation);
 
     if !prepared.stream {
-        let (text, reason, usage) = generation.collect().await?;
-        return Ok(Json(shape.completion(text, Some(reason), Some(Some(usage)))).into_response());
+        let answer = generation.collect().await?;
+        let lp = shape.logprobs_of(&answer.logprobs);
+        let mut whole =
+            shape.completion(answer.text, Some(answer.reason), Some(Some(answer.usage)));
+        whole.choices[0].logprobs = lp;
+        return Ok(Json(whole).into_response());
     }
     let first = first_step(&mut generation).await?;
     let payloads =
@@ -103,6 +123,10 @@ struct Shape {
     created: u64,
     model: String,
     include_usage: bool,
+    /// The text model, when log probabilities were asked for.
+    logprobs: Option<Arc<dyn TextModel>>,
+    /// Characters of token text reported so far (for `text_offset`).
+    sent_chars: usize,
 }
 
 impl Shape {
@@ -127,10 +151,24 @@ impl Shape {
         }
     }
 
-    fn payloads(&self, item: StreamItem) -> Vec<String> {
+    /// The log probabilities of `tokens` (when asked for), offsets counted
+    /// on from the tokens reported before.
+    fn logprobs_of(&mut self, tokens: &[TokenInfo]) -> Option<TextLogprobs> {
+        let model = self.logprobs.as_ref()?;
+        let lp = routes::logprobs::text(model.as_ref(), tokens, self.sent_chars);
+        self.sent_chars += lp.tokens.iter().map(|t| t.chars().count()).sum::<usize>();
+        Some(lp)
+    }
+
+    fn payloads(&mut self, item: StreamItem) -> Vec<String> {
         let stream_usage = self.include_usage.then_some(None);
         match item {
-            StreamItem::Text(text) => vec![to_json(&self.completion(text, None, stream_usage))],
+            StreamItem::Text(text, tokens) => {
+                let lp = self.logprobs_of(&tokens);
+                let mut chunk = self.completion(text, None, stream_usage);
+                chunk.choices[0].logprobs = lp;
+                vec![to_json(&chunk)]
+            }
             StreamItem::Finish { reason, usage } => {
                 let mut out = vec![to_json(&self.completion(
                     String::new(),

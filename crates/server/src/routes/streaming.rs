@@ -8,15 +8,16 @@
 use futures::{stream, Stream, StreamExt};
 
 use crate::{
-    generation::{Generation, Step},
+    generation::{Generation, Step, TokenInfo},
     openai::{errors::ApiError, types::UsageOut},
 };
 
 /// One thing to tell a streaming client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamItem {
-    /// New text.
-    Text(String),
+    /// New text, and the log probabilities of the tokens read with it
+    /// (either may be empty, not both).
+    Text(String, Vec<TokenInfo>),
     /// The normal end.
     Finish {
         /// `stop` or `length`.
@@ -56,8 +57,8 @@ pub fn items(first: Step, generation: Generation) -> impl Stream<Item = StreamIt
 
 fn step_items(step: Step) -> Vec<StreamItem> {
     let mut out = Vec::with_capacity(2);
-    if !step.text.is_empty() {
-        out.push(StreamItem::Text(step.text));
+    if !step.text.is_empty() || !step.logprobs.is_empty() {
+        out.push(StreamItem::Text(step.text, step.logprobs));
     }
     if let Some(finish) = step.finish {
         out.push(match finish.outcome {
