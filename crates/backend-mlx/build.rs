@@ -6,7 +6,9 @@
 //!   variables set;
 //! - on Linux, OpenBLAS as a direct dependency (`--no-as-needed`, since no
 //!   Rust code calls it), so that libmlx's BLAS calls resolve to it instead
-//!   of the wheel's slow reference BLAS.
+//!   of the wheel's slow reference BLAS;
+//! - `cblas_sgemm` kept and exported, so that libmlx's matmuls go through
+//!   backend-mlx's router of single-row products (its `blas` module).
 
 fn main() {
     if let Some(paths) = std::env::var_os("DEP_MLX_RPATH") {
@@ -18,5 +20,9 @@ fn main() {
         println!("cargo::rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo::rustc-link-arg={openblas}");
         println!("cargo::rustc-link-arg=-Wl,--as-needed");
+        // backend-mlx's own `cblas_sgemm` (see its `blas` module), kept and
+        // exported so that libmlx binds to it ahead of OpenBLAS's.
+        println!("cargo::rustc-link-arg=-Wl,--undefined=cblas_sgemm");
+        println!("cargo::rustc-link-arg=-Wl,--export-dynamic-symbol=cblas_sgemm");
     }
 }

@@ -13,6 +13,8 @@
 //! for GPUs.
 
 mod backend;
+#[cfg(target_os = "linux")]
+pub mod blas;
 mod device;
 mod error;
 pub mod jit;

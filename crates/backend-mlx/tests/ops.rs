@@ -78,6 +78,26 @@ fn matmul_matches_the_reference() {
     assert_close(&values(&got), &ref_matmul(&a, &b, m, k, n), 1e-5);
 }
 
+/// libmlx binds `cblas_sgemm` to backend-mlx's router: a single-row product
+/// (a decode at batch 1, `x W^T`) goes to sgemv, and gives the same values.
+#[cfg(target_os = "linux")]
+#[test]
+fn single_row_matmuls_go_through_the_sgemv_router() {
+    let (k, n) = (64, 48);
+    let mut rng = Rng::new(9);
+    let (x, w) = (rng.vec(k), rng.vec(n * k));
+    let (routed, _) = backend_mlx::blas::routed_and_passed();
+    let w = array(&w, &[n, k]);
+    let got = ops::matmul(array(&x, &[1, k]), w.t()).unwrap();
+    let expected = ref_matmul(&x, &values(&w.t()), 1, k, n);
+    assert_close(&values(&got), &expected, 1e-5);
+    let (after, _) = backend_mlx::blas::routed_and_passed();
+    assert!(
+        after > routed,
+        "libmlx did not call this process's cblas_sgemm"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 

@@ -1,0 +1,292 @@
+//! The `cblas_sgemm` that MLX's CPU backend calls, routing single-row
+//! products to a matrix-vector kernel.
+//!
+//! MLX sends every f32 matmul to `cblas_sgemm`, which libmlx resolves at
+//! load time to whatever the process offers first (the server links
+//! OpenBLAS ahead of the wheel's reference BLAS). A decode step at batch 1
+//! multiplies one activation row by every weight matrix, and OpenBLAS's
+//! sgemm packs the whole weight matrix into a buffer before it multiplies,
+//! for one row: measured on the default model's shapes, 2 to 5 times slower
+//! than its `cblas_sgemv`, which streams the weights once. So the binaries
+//! of this project define `cblas_sgemm` themselves (exported by their build
+//! scripts, so that libmlx binds to it): a row-major product with a single
+//! output row becomes one `cblas_sgemv`, and every other call goes on to
+//! OpenBLAS's own sgemm, found with `dlsym(RTLD_NEXT)`.
+//!
+//! Set `MLX_BATCH_SGEMV=0` to send everything to sgemm (for A/B
+//! measurements).
+
+use std::{
+    ffi::c_int,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+};
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+extern "C" {
+    fn cblas_sgemv(
+        order: c_int,
+        trans: c_int,
+        m: c_int,
+        n: c_int,
+        alpha: f32,
+        a: *const f32,
+        lda: c_int,
+        x: *const f32,
+        incx: c_int,
+        beta: f32,
+        y: *mut f32,
+        incy: c_int,
+    );
+}
+
+/// Single-row products sent to sgemv, for tests and measurements.
+static ROUTED: AtomicU64 = AtomicU64::new(0);
+/// Calls passed on to the next sgemm.
+static PASSED: AtomicU64 = AtomicU64::new(0);
+
+/// How many products went to sgemv and how many to sgemm so far.
+pub fn routed_and_passed() -> (u64, u64) {
+    (
+        ROUTED.load(Ordering::Relaxed),
+        PASSED.load(Ordering::Relaxed),
+    )
+}
+
+fn routing_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLX_BATCH_SGEMV").map_or(true, |v| v != "0"))
+}
+
+/// The sgemm this definition shadows (OpenBLAS's, or the wheel's
+/// reference one).
+fn next_sgemm() -> Option<Sgemm> {
+    static NEXT: OnceLock<Option<Sgemm>> = OnceLock::new();
+    *NEXT.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only looks
+        // a symbol up; a non-null result is the address of a function with
+        // the standard CBLAS sgemm signature.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_NEXT, c"cblas_sgemm".as_ptr());
+            (!f.is_null()).then(|| std::mem::transmute::<*mut libc::c_void, Sgemm>(f))
+        }
+    })
+}
+
+/// `C = alpha * op(A) * op(B) + beta * C`, as CBLAS defines it.
+///
+/// # Safety
+///
+/// The pointers and leading dimensions must describe matrices of the given
+/// shapes, as for any CBLAS `sgemm` (MLX is the caller).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cblas_sgemm(
+    order: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+) {
+    if order == ROW_MAJOR && m == 1 && n > 0 && k > 0 && routing_enabled() {
+        ROUTED.fetch_add(1, Ordering::Relaxed);
+        // The one row of op(A): contiguous, or a column of a K x 1 matrix.
+        let incx = if trans_a == NO_TRANS { 1 } else { lda };
+        // SAFETY: the caller's matrices, as CBLAS describes them: op(B) is
+        // B^T for a row-major N x K matrix B, or B for a K x N one, and the
+        // output row is contiguous.
+        unsafe {
+            if trans_b == NO_TRANS {
+                cblas_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
+            } else {
+                cblas_sgemv(
+                    ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1,
+                );
+            }
+        }
+        return;
+    }
+    PASSED.fetch_add(1, Ordering::Relaxed);
+    match next_sgemm() {
+        // SAFETY: the caller's arguments, passed on unchanged.
+        Some(sgemm) => unsafe {
+            sgemm(
+                order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+            );
+        },
+        // No other sgemm in the process (never the case with libmlx, which
+        // needs one): one sgemv per output row is slower but right.
+        None => unsafe {
+            rows_by_sgemv(
+                order,
+                trans_a,
+                trans_b,
+                [m, n, k],
+                alpha,
+                a,
+                lda,
+                b,
+                ldb,
+                beta,
+                c,
+                ldc,
+            )
+        },
+    }
+}
+
+/// The product as one sgemv per row of the output (row-major only).
+///
+/// # Safety
+///
+/// As for [`cblas_sgemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_by_sgemv(
+    order: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    [m, n, k]: [c_int; 3],
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+) {
+    if order != ROW_MAJOR {
+        return;
+    }
+    for row in 0..m as isize {
+        // SAFETY: row `row` of op(A) and of C, within the caller's matrices.
+        unsafe {
+            let (x, incx) = if trans_a == NO_TRANS {
+                (a.offset(row * lda as isize), 1)
+            } else {
+                (a.offset(row), lda)
+            };
+            let y = c.offset(row * ldc as isize);
+            if trans_b == NO_TRANS {
+                cblas_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
+            } else {
+                cblas_sgemv(
+                    ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `op(A) * op(B)` computed plainly, row-major.
+    fn naive(ta: bool, tb: bool, a: &[f32], b: &[f32], [m, n, k]: [usize; 3]) -> Vec<f32> {
+        let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
+        let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
+        (0..m * n)
+            .map(|ij| (0..k).map(|p| at(ij / n, p) * bt(p, ij % n)).sum())
+            .collect()
+    }
+
+    #[test]
+    fn the_row_by_row_fallback_matches_the_definition() {
+        let (m, n, k) = (3usize, 4usize, 6usize);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5).collect();
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let want = naive(ta, tb, &a, &b, [m, n, k]);
+            let mut c = vec![0.0f32; m * n];
+            let code = |t: bool| if t { TRANS } else { NO_TRANS };
+            // SAFETY: the buffers hold the shapes described.
+            unsafe {
+                rows_by_sgemv(
+                    ROW_MAJOR,
+                    code(ta),
+                    code(tb),
+                    [m as c_int, n as c_int, k as c_int],
+                    1.0,
+                    a.as_ptr(),
+                    if ta { m } else { k } as c_int,
+                    b.as_ptr(),
+                    if tb { k } else { n } as c_int,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as c_int,
+                );
+            }
+            assert_eq!(c, want, "ta={ta} tb={tb}");
+        }
+    }
+
+    #[test]
+    fn single_row_products_match_the_definition_in_every_layout() {
+        let (m, n, k) = (1usize, 7usize, 5usize);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.25).collect();
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let want = naive(ta, tb, &a, &b, [m, n, k]);
+                let mut c = vec![1.0f32; m * n];
+                let lda = if ta { m } else { k } as c_int;
+                let ldb = if tb { k } else { n } as c_int;
+                let code = |t: bool| if t { TRANS } else { NO_TRANS };
+                // SAFETY: the buffers hold the shapes described.
+                unsafe {
+                    cblas_sgemm(
+                        ROW_MAJOR,
+                        code(ta),
+                        code(tb),
+                        m as c_int,
+                        n as c_int,
+                        k as c_int,
+                        2.0,
+                        a.as_ptr(),
+                        lda,
+                        b.as_ptr(),
+                        ldb,
+                        0.5,
+                        c.as_mut_ptr(),
+                        n as c_int,
+                    );
+                }
+                for (got, want) in c.iter().zip(&want) {
+                    assert!((got - (2.0 * want + 0.5)).abs() < 1e-4, "ta={ta} tb={tb}");
+                }
+            }
+        }
+    }
+}
