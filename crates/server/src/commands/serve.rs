@@ -46,6 +46,9 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         limit: args.memory_limit.resolve(),
         cache_limit: Some(args.mlx_cache_limit),
     };
+    // The model folder first: a wrong path is one line, before anything
+    // else is logged.
+    let (dir, model) = load_text(&args.model)?;
     let file_limit = connections::raise_file_limit().unwrap_or_else(|e| {
         tracing::warn!("cannot read the file limit: {e}");
         1024
@@ -56,7 +59,6 @@ pub async fn run(args: &ServeArgs) -> anyhow::Result<()> {
         max_connections,
         "serving at most {max_connections} connections at once"
     );
-    let (dir, model) = load_text(&args.model)?;
     let slot = Arc::new(ServiceSlot::new());
     let state = AppState::new(
         Arc::clone(&slot) as Arc<dyn GenerationService>,
