@@ -11,8 +11,8 @@
 //!
 //! On a GPU the norms, RoPE and attention are MLX's `fast` kernels. On the
 //! CPU, where those fall back to long chains of primitive ops, they are the
-//! compiled functions of [`Fused`] and the attention of
-//! [`super::attention`]: see those modules for why.
+//! compiled functions of the `fused` module and the attention of the
+//! `attention` module: see those modules for why.
 
 use mlx_rs::{fast, ops, ops::indexing::IndexOp, Array, Dtype};
 
