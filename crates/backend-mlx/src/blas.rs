@@ -45,21 +45,33 @@ type Sgemm = unsafe extern "C" fn(
     c_int,
 );
 
-extern "C" {
-    fn cblas_sgemv(
-        order: c_int,
-        trans: c_int,
-        m: c_int,
-        n: c_int,
-        alpha: f32,
-        a: *const f32,
-        lda: c_int,
-        x: *const f32,
-        incx: c_int,
-        beta: f32,
-        y: *mut f32,
-        incy: c_int,
-    );
+type Sgemv = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+/// The process's `cblas_sgemv` (OpenBLAS's, where the binary links it),
+/// looked up at run time: a binary that links this crate without OpenBLAS
+/// (a test harness) still links, and then routes nothing.
+fn sgemv() -> Option<Sgemv> {
+    static SGEMV: OnceLock<Option<Sgemv>> = OnceLock::new();
+    *SGEMV.get_or_init(|| {
+        // SAFETY: as in `next_sgemm`, for the CBLAS sgemv signature.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"cblas_sgemv".as_ptr());
+            (!f.is_null()).then(|| std::mem::transmute::<*mut libc::c_void, Sgemv>(f))
+        }
+    })
 }
 
 /// Single-row products sent to sgemv, for tests and measurements.
@@ -119,7 +131,8 @@ pub unsafe extern "C" fn cblas_sgemm(
     c: *mut f32,
     ldc: c_int,
 ) {
-    if order == ROW_MAJOR && m == 1 && n > 0 && k > 0 && routing_enabled() {
+    let gemv = sgemv().filter(|_| routing_enabled());
+    if let Some(cblas_sgemv) = gemv.filter(|_| order == ROW_MAJOR && m == 1 && n > 0 && k > 0) {
         ROUTED.fetch_add(1, Ordering::Relaxed);
         // The one row of op(A): contiguous, or a column of a K x 1 matrix.
         let incx = if trans_a == NO_TRANS { 1 } else { lda };
@@ -147,22 +160,27 @@ pub unsafe extern "C" fn cblas_sgemm(
         },
         // No other sgemm in the process (never the case with libmlx, which
         // needs one): one sgemv per output row is slower but right.
-        None => unsafe {
-            rows_by_sgemv(
-                order,
-                trans_a,
-                trans_b,
-                [m, n, k],
-                alpha,
-                a,
-                lda,
-                b,
-                ldb,
-                beta,
-                c,
-                ldc,
-            )
-        },
+        None => {
+            if let Some(cblas_sgemv) = sgemv() {
+                // SAFETY: the caller's arguments.
+                unsafe {
+                    rows_by_sgemv(
+                        cblas_sgemv,
+                        order,
+                        [trans_a, trans_b],
+                        [m, n, k],
+                        alpha,
+                        a,
+                        lda,
+                        b,
+                        ldb,
+                        beta,
+                        c,
+                        ldc,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -173,9 +191,9 @@ pub unsafe extern "C" fn cblas_sgemm(
 /// As for [`cblas_sgemm`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_by_sgemv(
+    cblas_sgemv: Sgemv,
     order: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
+    [trans_a, trans_b]: [c_int; 2],
     [m, n, k]: [c_int; 3],
     alpha: f32,
     a: *const f32,
@@ -234,9 +252,9 @@ mod tests {
             // SAFETY: the buffers hold the shapes described.
             unsafe {
                 rows_by_sgemv(
+                    sgemv().unwrap(),
                     ROW_MAJOR,
-                    code(ta),
-                    code(tb),
+                    [code(ta), code(tb)],
                     [m as c_int, n as c_int, k as c_int],
                     1.0,
                     a.as_ptr(),
