@@ -110,7 +110,7 @@ pub enum SchedulerError {
     #[error("the engine has stopped")]
     EngineStopped,
     /// The backend could not be built or reported a fatal error.
-    #[error("backend error ({kind}): {source}")]
+    #[error("backend error ({kind})")]
     Backend {
         /// What kind of failure it was.
         kind: FailureKind,

@@ -171,9 +171,19 @@ async fn under_a_small_memory_limit_work_waits_or_gets_503_and_none_is_lost() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        let m = probe.metrics().await;
+        // The gauges are published when the step has ended, which may be a
+        // moment after the answer.
+        let mut m = probe.metrics().await;
+        for _ in 0..100 {
+            if counter(&m, "mlx_batch_memory_active_bytes", "") > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            m = probe.metrics().await;
+        }
         let active = counter(&m, "mlx_batch_memory_active_bytes", "") as u64;
         let pool = counter(&m, "mlx_batch_kv_pool_bytes", "") as u64;
+        assert!(active > pool, "no memory figures in:\n{m}");
         active - pool
     };
     // Room for a step of a few hundred tokens, not for a dozen prompts'

@@ -81,7 +81,7 @@ impl RealServer {
             }
         }
         let child = cmd.spawn().unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             base: format!("http://{addr}"),
             addr,
@@ -96,6 +96,9 @@ impl RealServer {
                 if resp.status() == 200 {
                     break;
                 }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the server exited before it was ready: {status}");
             }
             assert!(
                 start.elapsed() < Duration::from_secs(120),
