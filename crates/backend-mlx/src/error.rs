@@ -44,12 +44,6 @@ pub enum BackendError {
         /// What is wrong with it.
         message: String,
     },
-    /// The tokenizer failed to load, encode or decode.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    /// The chat template is missing, invalid or raised an exception.
-    #[error("chat template: {0}")]
-    Template(String),
     /// A sequence was added with bad arguments (an id in use, an empty or
     /// too long context, invalid sampling parameters).
     #[error("sequence: {0}")]
