@@ -18,6 +18,7 @@ use crate::{
     decode::DecodeStream,
     message::{ChatMessage, Tool},
     template::{ChatTemplate, TemplateContext},
+    tool_parse::ToolCallFormat,
     PromptError,
 };
 
@@ -299,6 +300,13 @@ impl Tokenizer {
     /// The chat template's source, if the model ships one.
     pub fn chat_template_source(&self) -> Option<&str> {
         self.inner.template_source.as_deref()
+    }
+
+    /// The tool-call format the chat template teaches the model (Hermes
+    /// when it shows none, matching the fallback that renders tools for
+    /// such templates).
+    pub fn tool_call_format(&self) -> ToolCallFormat {
+        ToolCallFormat::detect(self.chat_template_source().unwrap_or(""))
     }
 
     /// Renders the chat template over `messages`, showing `tools` (OpenAI's

@@ -6,7 +6,10 @@ mod support;
 
 use std::{collections::HashMap, path::Path};
 
-use prompt::{ChatMessage, FunctionDefinition, PromptError, Tokenizer, Tool, ToolCall};
+use prompt::{
+    parse_tool_calls, ChatMessage, FunctionDefinition, PromptError, Tokenizer, Tool, ToolCall,
+    ToolCallFormat,
+};
 use tokenizers::{
     models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace,
     processors::template::TemplateProcessing, AddedToken,
@@ -112,6 +115,7 @@ fn the_default_model_shows_tools_through_the_hermes_convention() {
         return;
     };
     let tok = Tokenizer::from_model_dir(&dir).unwrap();
+    assert_eq!(tok.tool_call_format(), ToolCallFormat::Hermes);
     let tools = [Tool::function(FunctionDefinition::new(
         "get_weather",
         serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}}),
@@ -148,6 +152,17 @@ fn the_default_model_shows_tools_through_the_hermes_convention() {
     );
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
 
+    // The assistant turn as rendered parses back into the call it came from.
+    let turn = prompt
+        .split("<|im_start|>assistant\n")
+        .nth(1)
+        .and_then(|t| t.split("<|im_end|>").next())
+        .unwrap();
+    let parsed = parse_tool_calls(turn, ToolCallFormat::Hermes);
+    assert_eq!(parsed.content.as_deref(), Some("Let me look."));
+    assert_eq!(parsed.tool_calls[0].name, "get_weather");
+    assert_eq!(parsed.tool_calls[0].arguments, r#"{"city":"Paris"}"#);
+
     let ids = tok.encode(&prompt).unwrap();
     assert_eq!(ids[0], 1, "<|im_start|> is one token");
     assert_ne!(ids[1], 1, "and it is not doubled");
@@ -180,4 +195,5 @@ fn the_model_side_types_can_be_shared_across_threads() {
     assert_send_sync::<Tokenizer>();
     fn assert_send<T: Send>() {}
     assert_send::<prompt::DecodeStream>();
+    assert_send::<prompt::ToolCallParser>();
 }
