@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// The error of an external library that reports errors as boxed trait
-/// objects (`tokenizers`).
+/// objects (`tokenizers`) or as `anyhow` errors (`llguidance`).
 pub type BoxedError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything that can go wrong between chat messages and tokens.
@@ -61,4 +61,25 @@ pub enum PromptError {
         /// Why the arguments did not parse.
         source: serde_json::Error,
     },
+    /// The vocabulary cannot be turned into the byte strings that
+    /// constrained decoding matches against (or the ids given with it are
+    /// out of range).
+    #[error("vocabulary for constrained decoding: {0}")]
+    Vocabulary(String),
+    /// llguidance could not set up its tokenizer tables.
+    #[error("constrained decoding setup: {0}")]
+    GrammarSetup(#[source] BoxedError),
+    /// A grammar (a JSON schema, or a tool's parameters) cannot be compiled;
+    /// the message names the problem, so it can be shown to the client.
+    #[error("invalid {what}: {source}")]
+    InvalidGrammar {
+        /// What was compiled: `JSON schema`, `parameters of tool "x"`, ...
+        what: String,
+        /// llguidance's explanation.
+        source: BoxedError,
+    },
+    /// A tool call was requested but no tools were given, or the named tool
+    /// is not among them.
+    #[error("tool choice: {0}")]
+    ToolChoice(String),
 }

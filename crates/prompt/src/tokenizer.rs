@@ -309,6 +309,12 @@ impl Tokenizer {
         ToolCallFormat::detect(self.chat_template_source().unwrap_or(""))
     }
 
+    /// The underlying `tokenizers` tokenizer (for building a
+    /// [`GrammarCompiler`](crate::GrammarCompiler) over it).
+    pub fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner.tokenizer
+    }
+
     /// Renders the chat template over `messages`, showing `tools` (OpenAI's
     /// tool list; empty for none) to the model. `add_generation_prompt`
     /// appends the header that makes the model answer as the assistant.

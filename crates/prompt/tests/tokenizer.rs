@@ -193,7 +193,9 @@ fn special_tokens_can_be_kept_when_decoding() {
 fn the_model_side_types_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tokenizer>();
+    assert_send_sync::<prompt::GrammarCompiler>();
     fn assert_send<T: Send>() {}
     assert_send::<prompt::DecodeStream>();
     assert_send::<prompt::ToolCallParser>();
+    assert_send::<prompt::Grammar>();
 }
