@@ -46,12 +46,6 @@ pub enum BackendError {
         /// What is wrong with it.
         message: String,
     },
-    /// The tokenizer failed to load, encode or decode.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    /// The chat template is missing, invalid or raised an exception.
-    #[error("chat template: {0}")]
-    Template(String),
     /// A dtype name other than f32, f16, bf16 or native.
     #[error("unknown dtype {0:?}: expected f32, f16, bf16 or native")]
     UnknownDType(String),
@@ -175,8 +169,6 @@ impl Failure for BackendError {
             | Self::MlxIo(_)
             | Self::Config { .. }
             | Self::Weights { .. }
-            | Self::Tokenizer(_)
-            | Self::Template(_)
             | Self::NoKvBudget
             | Self::MemoryLimit { .. } => FailureKind::Unavailable,
             Self::Mlx(_)

@@ -22,11 +22,9 @@ pub mod kv_pool;
 pub mod model;
 pub mod profile;
 pub mod sampling;
-mod tokenizer;
 
 pub use backend::{LoadOptions, MlxBackend, DEFAULT_KV_MEMORY_BYTES};
 pub use device::Device;
 pub use error::BackendError;
 pub use model::{ModelDType, ModelInfo};
 pub use profile::{Stage, StepProfile};
-pub use tokenizer::{ChatMessage, DecodeStream, Tokenizer};

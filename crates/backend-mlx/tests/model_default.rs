@@ -8,12 +8,13 @@ mod model_support;
 
 use std::path::PathBuf;
 
-use backend_mlx::{ChatMessage, ModelDType, ModelInfo, Tokenizer};
+use backend_mlx::{ModelDType, ModelInfo};
 use batching_types::{Backend, RequestId, SequenceOutcome, StepItem, WorkKind};
 use model_support::{
     generate_batched, greedy, load, python_reference, run_reference, workspace_root, Tables,
     TempDir,
 };
+use prompt::{ChatMessage, Tokenizer};
 
 fn model_dir() -> Option<PathBuf> {
     let dir = workspace_root().join(".models/SmolLM2-135M-Instruct");
@@ -54,7 +55,7 @@ fn info_and_tokenizer_describe_the_default_model() {
     assert_eq!(tok.decode(&ids).unwrap(), "Hello world 123");
     assert!(ids.len() >= 5, "{ids:?}");
     let prompt = tok
-        .apply_chat_template(&[ChatMessage::new("user", "Hi there")], true)
+        .apply_chat_template(&[ChatMessage::new("user", "Hi there")], &[], true)
         .unwrap();
     assert!(
         prompt.contains("<|im_start|>user\nHi there<|im_end|>"),

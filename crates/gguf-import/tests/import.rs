@@ -1,5 +1,9 @@
 //! Imports synthetic GGUF files and checks the output against llama.cpp's
 //! formulas, written independently in `support`.
+//!
+//! JSON snapshots sort object keys: a workspace build turns on serde_json's
+//! `preserve_order` (the `prompt` crate and llguidance ask for it), so the
+//! key order of a parsed `Value` depends on which crates are built together.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -187,7 +191,9 @@ fn config_json_follows_hugging_face_and_mlx_lm() {
     let dir = tempfile::tempdir().unwrap();
     let report = import(&Spec::default(), true, dir.path());
     let config = read_json(&dir.path().join("out/config.json"));
-    insta::assert_json_snapshot!("config_q4_1_q8_0_tied", config);
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("config_q4_1_q8_0_tied", config);
+    });
     assert_eq!(report.quantization.as_ref(), Some(&config["quantization"]));
     let names: Vec<_> = report
         .files
@@ -219,7 +225,9 @@ fn untied_mixed_model_has_lm_head_and_per_module_overrides() {
     import(&spec, true, dir.path());
     let config = read_json(&dir.path().join("out/config.json"));
     assert_eq!(config["tie_word_embeddings"], false);
-    insta::assert_json_snapshot!("quantization_untied", config["quantization"]);
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("quantization_untied", config["quantization"]);
+    });
 }
 
 #[test]
@@ -227,14 +235,18 @@ fn tokenizer_files_load_and_tokenize() {
     let dir = tempfile::tempdir().unwrap();
     import(&Spec::default(), true, dir.path());
     let out = dir.path().join("out");
-    insta::assert_json_snapshot!(
-        "tokenizer_config",
-        read_json(&out.join("tokenizer_config.json"))
-    );
-    insta::assert_json_snapshot!(
-        "generation_config",
-        read_json(&out.join("generation_config.json"))
-    );
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!(
+            "tokenizer_config",
+            read_json(&out.join("tokenizer_config.json"))
+        );
+    });
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!(
+            "generation_config",
+            read_json(&out.join("generation_config.json"))
+        );
+    });
     let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
     let (tokens, _, _) = tiny_model::vocab();
     let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;

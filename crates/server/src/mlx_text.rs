@@ -1,10 +1,11 @@
-//! The real [`TextModel`]: the model folder's tokenizer and chat template,
-//! through `backend-mlx`.
+//! The real [`TextModel`]: the model folder's config (through
+//! `backend-mlx`), tokenizer and chat template (through `prompt`).
 
 use std::path::Path;
 
 use anyhow::Context;
-use backend_mlx::{DecodeStream, ModelInfo, Tokenizer};
+use backend_mlx::ModelInfo;
+use prompt::{DecodeStream, Tokenizer};
 
 use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
 
@@ -67,11 +68,11 @@ impl TextModel for MlxTextModel {
     }
 
     fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String> {
-        let messages: Vec<backend_mlx::ChatMessage> = messages
+        let messages: Vec<prompt::ChatMessage> = messages
             .iter()
-            .map(|m| backend_mlx::ChatMessage::new(m.role.clone(), m.content.clone()))
+            .map(|m| prompt::ChatMessage::new(m.role.clone(), m.content.clone()))
             .collect();
-        Ok(self.tokenizer.apply_chat_template(&messages, true)?)
+        Ok(self.tokenizer.apply_chat_template(&messages, &[], true)?)
     }
 
     fn decoder(&self) -> Box<dyn StreamDecoder> {

@@ -1,5 +1,9 @@
 //! Every endpoint and error case over real HTTP, with the scheduler and the
 //! simulated backend behind the server.
+//!
+//! JSON snapshots sort object keys: a workspace build turns on serde_json's
+//! `preserve_order` (the `prompt` crate and llguidance ask for it), so the
+//! key order of a parsed `Value` depends on which crates are built together.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,7 +27,9 @@ async fn models_are_listed_and_looked_up() {
     let s = TestServer::start(Options::default()).await;
     let (status, list) = s.get_json("/v1/models").await;
     assert_eq!(status, 200);
-    insta::assert_json_snapshot!("models", list, {".data[].created" => "[created]"});
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("models", list, {".data[].created" => "[created]"});
+    });
     let (status, one) = s.get_json(&format!("/v1/models/{MODEL}")).await;
     assert_eq!((status, &one["id"]), (200, &json!(MODEL)));
     let (status, missing) = s.get_json("/v1/models/gpt-4").await;
@@ -43,10 +49,12 @@ async fn a_chat_completion_returns_the_generated_text_and_usage() {
         expected_text(&chat_prompt("Hello"), 12)
     );
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
-    insta::assert_json_snapshot!("chat_completion", body, {
-        ".id" => "[id]",
-        ".created" => "[created]",
-        ".choices[].message.content" => "[text]",
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("chat_completion", body, {
+            ".id" => "[id]",
+            ".created" => "[created]",
+            ".choices[].message.content" => "[text]",
+        });
     });
 }
 
@@ -78,14 +86,16 @@ async fn a_streamed_chat_matches_the_unstreamed_one_and_ends_with_usage_and_done
         c
     };
     let n = chunks.len();
-    insta::assert_json_snapshot!(
-        "chat_stream_edges",
-        json!({
-            "first": redact(&chunks[0]),
-            "finish": redact(&chunks[n - 2]),
-            "usage": redact(&chunks[n - 1]),
-        })
-    );
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!(
+            "chat_stream_edges",
+            json!({
+                "first": redact(&chunks[0]),
+                "finish": redact(&chunks[n - 2]),
+                "usage": redact(&chunks[n - 1]),
+            })
+        );
+    });
 }
 
 #[tokio::test]
@@ -95,8 +105,10 @@ async fn completions_work_streamed_and_not() {
     let (status, _, plain) = s.post("/v1/completions", &body).await;
     assert_eq!(status, 200, "{plain}");
     assert_eq!(plain["choices"][0]["text"], expected_text("Once upon", 16));
-    insta::assert_json_snapshot!("completion", plain, {
-        ".id" => "[id]", ".created" => "[created]", ".choices[].text" => "[text]",
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("completion", plain, {
+            ".id" => "[id]", ".created" => "[created]", ".choices[].text" => "[text]",
+        });
     });
 
     let mut streamed = body.clone();
@@ -378,7 +390,9 @@ async fn invalid_requests_get_openai_errors_naming_the_parameter() {
         assert!(err["error"]["type"].is_string(), "{name}");
         seen.push(json!({"case": name, "status": got, "error": err["error"]}));
     }
-    insta::assert_json_snapshot!("request_errors", seen);
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("request_errors", seen);
+    });
     // The same for text completions' own fields.
     let (got, _, err) = s
         .post(
@@ -571,7 +585,9 @@ async fn shutdown_refuses_new_requests_with_503_readiness_drains_then_liveness_f
     assert_eq!(health["engine"]["alive"], true);
     assert_eq!(health["status"], "ok");
     assert!(health["engine"]["kv_blocks_total"].as_u64().unwrap() > 0);
-    insta::assert_json_snapshot!("health", health, {".engine.since_progress_ms" => "[ms]"});
+    insta::with_settings!({sort_maps => true}, {
+        insta::assert_json_snapshot!("health", health, {".engine.since_progress_ms" => "[ms]"});
+    });
     let (status, ready) = s.get_json("/health/ready").await;
     assert_eq!((status, &ready["status"]), (200, &json!("ok")));
 

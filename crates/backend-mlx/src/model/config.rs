@@ -7,11 +7,28 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{error::BackendError, tokenizer::TokenIds};
+use crate::error::BackendError;
 
 /// The architectures that share this forward pass (RMSNorm, RoPE, SwiGLU,
 /// grouped-query attention), by `model_type`.
 const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// `eos_token_id` in `config.json` is either one id or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![id],
+            TokenIds::Many(ids) => ids,
+        }
+    }
+}
 
 /// How positions are scaled before the rotary embedding.
 #[derive(Debug, Clone, PartialEq)]
