@@ -39,7 +39,7 @@ use server::{
     scheduler_service::SchedulerService,
     telemetry,
 };
-use sim_backend::{SimBackend, SimConfig, TimeMode};
+use sim_backend::{SimBackend, SimConfig, StopRule, TimeMode};
 
 /// The served model's id; bodies that name another get a 404.
 const MODEL: &str = "sim-byte";
@@ -61,7 +61,12 @@ fn harness() -> &'static Harness {
             kv_tokens: 8192,
             max_context: MAX_CONTEXT,
             vocab: 128,
-            stop: None,
+            // The byte model's end-of-sequence id, so that grammars
+            // (`response_format`, tool choices) can finish.
+            stop: Some(StopRule {
+                token: 256,
+                one_in: 1000,
+            }),
             time: TimeMode::Virtual,
             ..SimConfig::default()
         };

@@ -30,6 +30,9 @@ pub enum ToolChoice {
     /// One or more calls, each of any of the functions (OpenAI's
     /// `"required"`; several calls are its parallel tool calls).
     Required,
+    /// Exactly one call, of any of the functions (`"required"` with
+    /// `parallel_tool_calls: false`).
+    RequiredOne,
     /// Exactly one call of the named function.
     Named(String),
 }
@@ -83,12 +86,48 @@ impl GrammarCompiler {
         Self::from_hf(tokenizer.hf_tokenizer(), eos_token_ids, n_vocab)
     }
 
+    /// A compiler over a vocabulary given as each token's bytes, for
+    /// tokenizers that are not Hugging Face ones (a byte-level test model).
+    /// `special_tokens` names the tokens no text can produce (markers such
+    /// as `<tool_call>` when the vocabulary has them as single tokens); the
+    /// rest of [`GrammarCompiler::new`] applies.
+    pub fn from_token_bytes(
+        token_bytes: Vec<Vec<u8>>,
+        special_tokens: HashMap<String, u32>,
+        eos_token_ids: &[u32],
+        n_vocab: usize,
+    ) -> Result<Self, PromptError> {
+        let mut bytes = token_bytes;
+        for (text, &id) in &special_tokens {
+            let slot = bytes.get_mut(id as usize).ok_or_else(|| {
+                PromptError::Vocabulary(format!(
+                    "special token {text:?} has id {id}, outside the vocabulary"
+                ))
+            })?;
+            let mut marked = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+            marked.extend_from_slice(text.as_bytes());
+            *slot = marked;
+        }
+        let vocab = TokenBytes {
+            bytes,
+            special_ids: special_tokens,
+        };
+        Self::from_vocabulary(vocab, eos_token_ids, n_vocab)
+    }
+
     fn from_hf(
         tokenizer: &tokenizers::Tokenizer,
         eos_token_ids: &[u32],
         n_vocab: usize,
     ) -> Result<Self, PromptError> {
-        let vocab = TokenBytes::of(tokenizer)?;
+        Self::from_vocabulary(TokenBytes::of(tokenizer)?, eos_token_ids, n_vocab)
+    }
+
+    fn from_vocabulary(
+        vocab: TokenBytes,
+        eos_token_ids: &[u32],
+        n_vocab: usize,
+    ) -> Result<Self, PromptError> {
         if vocab.bytes.len() > n_vocab {
             return Err(PromptError::Vocabulary(format!(
                 "the tokenizer has {} ids but the logits only {n_vocab}",
@@ -154,23 +193,58 @@ impl GrammarCompiler {
         choice: &ToolChoice,
     ) -> Result<Grammar, PromptError> {
         let chosen: Vec<&FunctionDefinition> = match choice {
-            ToolChoice::Required => functions.iter().collect(),
+            ToolChoice::Required | ToolChoice::RequiredOne => functions.iter().collect(),
             ToolChoice::Named(name) => functions.iter().filter(|f| &f.name == name).collect(),
         };
         if chosen.is_empty() {
             return Err(PromptError::ToolChoice(match choice {
-                ToolChoice::Required => "a tool call is required but no tools were given".into(),
+                ToolChoice::Required | ToolChoice::RequiredOne => {
+                    "a tool call is required but no tools were given".into()
+                }
                 ToolChoice::Named(name) => {
                     format!("the named tool {name:?} is not among the tools")
                 }
             }));
         }
-        let lark = self.tool_call_lark(format, &chosen, choice == &ToolChoice::Required)?;
+        let calls = self.tool_call_lark(format, &chosen, choice == &ToolChoice::Required)?;
+        let lark = format!("start: calls\n{calls}");
         self.compile(TopLevelGrammar::from_lark(lark), "tool-call grammar")
     }
 
-    /// The Lark grammar of a tool call: one rule per function, each a fixed
-    /// text around a `%json` sub-grammar for the arguments.
+    /// Either tool calls (one, or several with `parallel`) of any of
+    /// `functions`, or a JSON answer that follows `schema`: what a request
+    /// with tools left to the model (`"auto"`) and a `response_format`
+    /// allows, so that an agent can either act or answer in its format.
+    pub fn tool_call_or_json(
+        &self,
+        format: ToolCallFormat,
+        functions: &[FunctionDefinition],
+        parallel: bool,
+        schema: &Json,
+        strict: bool,
+    ) -> Result<Grammar, PromptError> {
+        if functions.is_empty() {
+            return Err(PromptError::ToolChoice(
+                "tool calls or JSON were asked for but no tools were given".into(),
+            ));
+        }
+        let chosen: Vec<&FunctionDefinition> = functions.iter().collect();
+        let calls = self.tool_call_lark(format, &chosen, parallel)?;
+        let what = "JSON schema";
+        let schema = prepare_schema(schema, strict, what)?;
+        // Compiled alone first, so that a bad schema is reported as the
+        // response format's rather than as a line of the whole grammar.
+        self.compile(TopLevelGrammar::from_json_schema(schema.clone()), what)?;
+        let lark = format!("start: calls | answer\nanswer: %json {schema}\n{calls}");
+        self.compile(
+            TopLevelGrammar::from_lark(lark),
+            "tool-call or JSON grammar",
+        )
+    }
+
+    /// The Lark rules of tool calls, from the rule `calls` down: one rule
+    /// per function, each a fixed text around a `%json` sub-grammar for the
+    /// arguments.
     fn tool_call_lark(
         &self,
         format: ToolCallFormat,
@@ -226,12 +300,12 @@ impl GrammarCompiler {
         };
         let start = match format {
             ToolCallFormat::Mistral => format!(
-                "start: {} {} {calls} {}\n",
+                "calls: {} {} {calls} {}\n",
                 self.marker("[TOOL_CALLS]"),
                 lark_literal("["),
                 lark_literal("]")
             ),
-            ToolCallFormat::Hermes | ToolCallFormat::Llama3 => format!("start: {calls}\n"),
+            ToolCallFormat::Hermes | ToolCallFormat::Llama3 => format!("calls: {calls}\n"),
         };
         Ok(format!(
             "{start}call: {}\n{rules}",

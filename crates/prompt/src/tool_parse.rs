@@ -56,6 +56,8 @@ impl ToolCallFormat {
 /// One tool call found in finished text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedToolCall {
+    /// A fresh id, `call_` and 24 random letters and digits.
+    pub id: String,
     /// The function's name.
     pub name: String,
     /// Its arguments: a JSON object, written compactly.
@@ -83,6 +85,7 @@ pub fn parse_tool_calls(text: &str, format: ToolCallFormat) -> ParsedOutput {
         match event {
             ToolStreamEvent::Content(text) => content.push_str(&text),
             ToolStreamEvent::ToolCall(call) => tool_calls.push(ParsedToolCall {
+                id: call.id,
                 name: call.name,
                 arguments: call.arguments,
             }),

@@ -351,6 +351,35 @@ fn tool_call_grammars_parse_back_into_valid_calls() {
     report("tool_call", &runs);
 }
 
+/// Tools left to the model with a response format: every run is either
+/// tool calls that parse back or a JSON answer that follows the schema, and
+/// both branches are reachable.
+#[test]
+fn tool_calls_or_a_json_answer() {
+    let Some(s) = setup() else { return };
+    let functions = tools();
+    let schema = person_schema();
+    let (mut calls, mut answers) = (0, 0);
+    for seed in 0..12 {
+        let mut grammar = s
+            .compiler
+            .tool_call_or_json(ToolCallFormat::Hermes, &functions, true, &schema, true)
+            .unwrap();
+        let run = drive(&s, &mut grammar, seed, 12);
+        let text = text_of(&s, &run);
+        let parsed = parse_tool_calls(&text, ToolCallFormat::Hermes);
+        if parsed.tool_calls.is_empty() {
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            assert_valid(&schema, &answer);
+            answers += 1;
+        } else {
+            assert_eq!(parsed.content, None, "{text:?}");
+            calls += 1;
+        }
+    }
+    assert!(calls > 0 && answers > 0, "{calls} calls, {answers} answers");
+}
+
 #[test]
 fn bad_schemas_and_choices_are_typed_errors() {
     let Some(s) = setup() else { return };
@@ -486,4 +515,48 @@ fn required_allows_parallel_calls_and_named_stops_after_one() {
     let parsed = parse_tool_calls(&two, ToolCallFormat::Hermes);
     let names: Vec<&str> = parsed.tool_calls.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["add", "get_weather"]);
+    assert_ne!(parsed.tool_calls[0].id, parsed.tool_calls[1].id);
+
+    // `required` without parallel calls: any function, but one call only.
+    let mut single = s
+        .compiler
+        .tool_call(ToolCallFormat::Hermes, &functions, &ToolChoice::RequiredOne)
+        .unwrap();
+    for t in s.tokenizer.encode(one).unwrap() {
+        single.consume(t).unwrap();
+    }
+    assert!(single.is_finished(), "one call is all RequiredOne allows");
+}
+
+/// A vocabulary given as raw token bytes (a byte-level model with no
+/// `tokenizer.json`) compiles grammars too, and its special tokens are
+/// never produced from text.
+#[test]
+fn a_byte_vocabulary_compiles_grammars() {
+    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    words.push(Vec::new()); // 256: end of sequence.
+    words.push(Vec::new()); // 257: a marker.
+    let special = std::collections::HashMap::from([("<m>".to_owned(), 257)]);
+    let compiler = GrammarCompiler::from_token_bytes(words, special, &[256], 300).unwrap();
+    let mut grammar = compiler
+        .json_schema(&json!({"type": "boolean"}), false)
+        .unwrap();
+    let mut mask = vec![0u32; 300usize.div_ceil(32)];
+    grammar.fill_mask(&mut mask).unwrap();
+    let allowed: Vec<u32> = (0..300).filter(|&t| mask_allows(&mask, t)).collect();
+    assert_eq!(allowed, [u32::from(b'f'), u32::from(b't')]);
+    for b in b"true" {
+        grammar.consume(u32::from(*b)).unwrap();
+    }
+    mask.fill(0);
+    grammar.fill_mask(&mut mask).unwrap();
+    let allowed: Vec<u32> = (0..300).filter(|&t| mask_allows(&mask, t)).collect();
+    assert_eq!(allowed, [256], "only the end is left");
+    assert!(GrammarCompiler::from_token_bytes(
+        vec![vec![b'a']],
+        std::collections::HashMap::from([("<x>".to_owned(), 5)]),
+        &[0],
+        8
+    )
+    .is_err());
 }

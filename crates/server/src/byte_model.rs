@@ -5,26 +5,48 @@
 //! tokenizer where it matters to the server: characters can span several
 //! tokens, so its decoder has to buffer incomplete UTF-8.
 
-use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
+use std::collections::HashMap;
+
+use crate::text_model::{
+    ChatMessage, GrammarCompiler, StreamDecoder, TextModel, Tool, ToolCallFormat,
+};
 
 /// The byte-level test model.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ByteTextModel {
     id: String,
     max_context: usize,
     eos: Vec<u32>,
+    /// Grammars over the 256 byte tokens, when the model has an
+    /// end-of-sequence id to finish them with.
+    grammars: Option<GrammarCompiler>,
 }
 
 impl ByteTextModel {
     /// A model called `id` that holds `max_context` tokens and ends
     /// generation on any of `eos` (ids of 256 and above are never text).
     pub fn new(id: impl Into<String>, max_context: usize, eos: Vec<u32>) -> Self {
+        // Its logits are the 256 bytes and the end-of-sequence ids (as the
+        // simulated backend's are). Without an end-of-sequence id no grammar
+        // could finish, so such a model refuses structured output instead.
+        let width = eos
+            .iter()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0)
+            .max(256);
+        let bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let grammars = GrammarCompiler::from_token_bytes(bytes, HashMap::new(), &eos, width).ok();
         Self {
             id: id.into(),
             max_context,
             eos,
+            grammars,
         }
     }
+
+    /// The 256 bytes, then room for special tokens such as an EOS id.
+    const VOCAB: usize = 512;
 }
 
 impl TextModel for ByteTextModel {
@@ -37,8 +59,7 @@ impl TextModel for ByteTextModel {
     }
 
     fn vocab_size(&self) -> usize {
-        // The 256 bytes, then room for special tokens such as an EOS id.
-        512
+        Self::VOCAB
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
@@ -49,21 +70,42 @@ impl TextModel for ByteTextModel {
         Ok(text.bytes().map(u32::from).collect())
     }
 
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String> {
-        // ChatML, the format of the default model's template.
+    fn chat_prompt(&self, messages: &[ChatMessage], tools: &[Tool]) -> anyhow::Result<String> {
+        // ChatML, the format of the default model's template; the tools'
+        // names and the calls' JSON, short enough for a small test context.
         let mut out = String::new();
-        for m in messages {
+        if !tools.is_empty() {
+            let names: Vec<&str> = tools.iter().map(|t| t.function.name.as_str()).collect();
             out.push_str(&format!(
-                "<|im_start|>{}\n{}<|im_end|>\n",
-                m.role, m.content
+                "<|im_start|>tools\n{}<|im_end|>\n",
+                names.join(" ")
             ));
+        }
+        for m in messages {
+            out.push_str(&format!("<|im_start|>{}\n", m.role));
+            if let Some(content) = &m.content {
+                out.push_str(content);
+            }
+            for call in &m.tool_calls {
+                out.push_str(&serde_json::to_string(call)?);
+            }
+            out.push_str("<|im_end|>\n");
         }
         out.push_str("<|im_start|>assistant\n");
         Ok(out)
     }
 
-    fn decoder(&self) -> Box<dyn StreamDecoder> {
+    fn decoder(&self, _keep_special_tokens: bool) -> Box<dyn StreamDecoder> {
+        // Special tokens (ids of 256 and above) have no text either way.
         Box::new(Utf8Decoder::default())
+    }
+
+    fn tool_call_format(&self) -> ToolCallFormat {
+        ToolCallFormat::Hermes
+    }
+
+    fn grammars(&self) -> Option<&GrammarCompiler> {
+        self.grammars.as_ref()
     }
 
     fn token_text(&self, token: u32) -> String {
@@ -128,7 +170,7 @@ mod tests {
         let model = ByteTextModel::new("m", 64, vec![256]);
         let tokens = model.encode("é!").unwrap();
         assert_eq!(tokens.len(), 3);
-        let mut d = model.decoder();
+        let mut d = model.decoder(false);
         assert_eq!(d.push(tokens[0]).unwrap(), "");
         assert_eq!(d.push(tokens[1]).unwrap(), "é");
         assert_eq!(d.push(tokens[2]).unwrap(), "!");
@@ -138,7 +180,7 @@ mod tests {
     #[test]
     fn invalid_bytes_become_replacement_characters() {
         let model = ByteTextModel::new("m", 64, vec![]);
-        let mut d = model.decoder();
+        let mut d = model.decoder(false);
         assert_eq!(d.push(0xC3).unwrap(), "");
         assert_eq!(d.push(u32::from(b'a')).unwrap(), "\u{FFFD}a");
         assert_eq!(d.push(0xE2).unwrap(), "");
@@ -149,10 +191,7 @@ mod tests {
     fn chat_prompts_use_chatml() {
         let model = ByteTextModel::new("m", 64, vec![]);
         let prompt = model
-            .chat_prompt(&[ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            }])
+            .chat_prompt(&[ChatMessage::new("user", "Hi")], &[])
             .unwrap();
         assert_eq!(
             prompt,

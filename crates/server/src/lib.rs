@@ -32,5 +32,6 @@ pub mod scheduler_service;
 pub mod service;
 pub mod sse;
 pub mod stop;
+pub mod structured;
 pub mod telemetry;
 pub mod text_model;

@@ -7,13 +7,18 @@ use anyhow::Context;
 use backend_mlx::ModelInfo;
 use prompt::{DecodeStream, Tokenizer};
 
-use crate::text_model::{ChatMessage, StreamDecoder, TextModel};
+use crate::text_model::{
+    ChatMessage, GrammarCompiler, StreamDecoder, TextModel, Tool, ToolCallFormat,
+};
 
 /// A model folder's text side.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct MlxTextModel {
     info: ModelInfo,
     tokenizer: Tokenizer,
+    /// Built once at load (about 0.1 s for a 49k vocabulary): a request
+    /// only compiles its own grammar against it.
+    grammars: GrammarCompiler,
     /// The tokenizer's end tokens, then the config's, without repeats:
     /// merged once here, since every request asks for them.
     eos_token_ids: Vec<u32>,
@@ -32,9 +37,14 @@ impl MlxTextModel {
                 eos_token_ids.push(*id);
             }
         }
+        // The logits are as wide as the embedding, which may pad the
+        // tokenizer's vocabulary; masks must cover all of it.
+        let grammars = GrammarCompiler::from_tokenizer(&tokenizer, &eos_token_ids, info.vocab_size)
+            .with_context(|| format!("preparing constrained decoding for {}", dir.display()))?;
         Ok(Self {
             info,
             tokenizer,
+            grammars,
             eos_token_ids,
         })
     }
@@ -67,16 +77,24 @@ impl TextModel for MlxTextModel {
         Ok(self.tokenizer.encode(text)?)
     }
 
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String> {
-        let messages: Vec<prompt::ChatMessage> = messages
-            .iter()
-            .map(|m| prompt::ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
-        Ok(self.tokenizer.apply_chat_template(&messages, &[], true)?)
+    fn chat_prompt(&self, messages: &[ChatMessage], tools: &[Tool]) -> anyhow::Result<String> {
+        Ok(self.tokenizer.apply_chat_template(messages, tools, true)?)
     }
 
-    fn decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(Decoder(self.tokenizer.decode_stream()))
+    fn decoder(&self, keep_special_tokens: bool) -> Box<dyn StreamDecoder> {
+        Box::new(Decoder(if keep_special_tokens {
+            self.tokenizer.decode_stream_keeping_special()
+        } else {
+            self.tokenizer.decode_stream()
+        }))
+    }
+
+    fn tool_call_format(&self) -> ToolCallFormat {
+        self.tokenizer.tool_call_format()
+    }
+
+    fn grammars(&self) -> Option<&GrammarCompiler> {
+        Some(&self.grammars)
     }
 
     fn token_text(&self, token: u32) -> String {

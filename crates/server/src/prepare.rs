@@ -47,6 +47,8 @@ pub struct EndpointOptions {
     pub logprobs: Option<usize>,
     /// A grammar the output must follow.
     pub constraint: Option<SharedConstraint>,
+    /// Decode special tokens as their text (tool-call markers).
+    pub keep_special_tokens: bool,
 }
 
 /// What the HTTP edge knows of a request besides its body.
@@ -55,6 +57,17 @@ pub struct Edge<'a> {
     pub headers: &'a HeaderMap,
     /// Its name (`x-request-id`).
     pub name: &'a RequestName,
+}
+
+/// Runs `work` (a chat template, a tokenizer, a grammar compiler: a few
+/// milliseconds of CPU) on the blocking pool, so that it never holds up the
+/// async workers that move every other request's bytes.
+pub async fn off_the_workers<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
 }
 
 /// Fails with 404 unless `model` is the one this server serves.
@@ -106,7 +119,7 @@ pub fn prepare(
     let stop = stop_strings(params.stop.as_ref())?;
     if !stop.is_empty() {
         sampling.stop_condition = Some(SharedStopCondition::new(StopStrings::new(
-            state.model.decoder(),
+            state.model.decoder(options.keep_special_tokens),
             stop.clone(),
             state.model.eos_token_ids(),
         )));
@@ -127,7 +140,7 @@ pub fn prepare(
             deadline: state.config.request_timeout.map(|t| Instant::now() + t),
         },
         generation: GenerationConfig {
-            decoder: state.model.decoder(),
+            decoder: state.model.decoder(options.keep_special_tokens),
             stop,
             eos_token_ids: state.model.eos_token_ids(),
             prompt_tokens: prompt_len,

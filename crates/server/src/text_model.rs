@@ -1,19 +1,13 @@
 //! The seam between the HTTP layer and a model's text side.
 //!
 //! The routes need only a handful of things from a model: turn text into
-//! tokens, format a chat, turn tokens back into text as they stream, and
-//! know the end-of-sequence ids and the context length. Keeping that behind
+//! tokens, format a chat (with tools), turn tokens back into text as they
+//! stream, compile grammars over its vocabulary, and know the
+//! end-of-sequence ids and the context length. Keeping that behind
 //! a small trait lets the HTTP tests run over a byte-level model with the
 //! simulated backend, and the binary plug in the real tokenizer.
 
-/// One chat message, already flattened to text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, ...
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
+pub use prompt::{ChatMessage, GrammarCompiler, Tool, ToolCallFormat};
 
 /// Turns generated tokens into text incrementally.
 ///
@@ -38,11 +32,19 @@ pub trait TextModel: Send + Sync + 'static {
     fn eos_token_ids(&self) -> Vec<u32>;
     /// Tokenizes a prompt as-is (no special tokens are added).
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>>;
-    /// Formats a conversation with the model's chat template, ending with
-    /// the prompt for the assistant's turn.
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<String>;
-    /// A fresh incremental decoder for one response.
-    fn decoder(&self) -> Box<dyn StreamDecoder>;
+    /// Formats a conversation, with the tools the model may call, with the
+    /// model's chat template, ending with the prompt for the assistant's
+    /// turn.
+    fn chat_prompt(&self, messages: &[ChatMessage], tools: &[Tool]) -> anyhow::Result<String>;
+    /// A fresh incremental decoder for one response. With
+    /// `keep_special_tokens`, special tokens show as their text (tool-call
+    /// markers that are special tokens must reach the tool-call parser).
+    fn decoder(&self, keep_special_tokens: bool) -> Box<dyn StreamDecoder>;
+    /// How this model writes tool calls.
+    fn tool_call_format(&self) -> ToolCallFormat;
+    /// The grammar compiler for constrained decoding (`response_format`,
+    /// required tool calls), or `None` when this model cannot have one.
+    fn grammars(&self) -> Option<&GrammarCompiler>;
     /// One token's own text, as log probabilities show it (a token that is
     /// only part of a character shows as the replacement character).
     fn token_text(&self, token: u32) -> String;

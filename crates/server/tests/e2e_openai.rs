@@ -105,6 +105,7 @@ async fn run_python(base: String, model: String, python_path: PathBuf, checks: &
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .env("PYTHONPATH", python_path)
+            .env("MLX_BATCH_MODEL_DIR", default_model_dir())
             .arg(script)
             .arg(base)
             .arg(model)
@@ -126,6 +127,9 @@ async fn run_python(base: String, model: String, python_path: PathBuf, checks: &
 /// The checks of `tests/e2e/openai_client.py` that CI runs, in order.
 const CHECKS: &[&str] = &[
     "basic",
+    "structured",
+    "tools",
+    "logprobs",
     "concurrent",
     "priority",
     "preempt",
@@ -158,6 +162,6 @@ async fn measure_ttft_and_throughput() {
     };
     println!(
         "{}",
-        run_python(base, model, python_path, &["measure"]).await
+        run_python(base, model, python_path, &["measure", "measure_structured"]).await
     );
 }

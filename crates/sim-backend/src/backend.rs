@@ -39,11 +39,14 @@ impl Sequence {
         let Some(constraint) = &self.constraint else {
             return Ok(token);
         };
+        // The simulated logits cover the drawn tokens and the stop token,
+        // so a grammar can end with it.
+        let width = stop.map_or(vocab, |rule| vocab.max(rule.token.saturating_add(1)));
         let mut grammar = constraint.lock();
-        let mut mask = vec![0u32; vocab.div_ceil(32) as usize];
+        let mut mask = vec![0u32; width.div_ceil(32) as usize];
         grammar.fill_mask(&mut mask).map_err(|e| e.to_string())?;
-        let token = (0..vocab)
-            .map(|k| (token + k) % vocab)
+        let token = (0..width)
+            .map(|k| (token + k) % width)
             .find(|&t| batching_types::mask_allows(&mask, t))
             .ok_or_else(|| "the grammar allows no token".to_owned())?;
         grammar.consume(token).map_err(|e| e.to_string())?;

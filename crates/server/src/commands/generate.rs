@@ -35,10 +35,7 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     })?;
     let model = &loaded.model;
     let prompt = if args.chat {
-        model.chat_prompt(&[ChatMessage {
-            role: "user".to_owned(),
-            content: args.prompt.clone(),
-        }])?
+        model.chat_prompt(&[ChatMessage::new("user", args.prompt.clone())], &[])?
     } else {
         args.prompt.clone()
     };
@@ -64,7 +61,7 @@ pub async fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut generation = Generation::new(
         events,
         GenerationConfig {
-            decoder: model.decoder(),
+            decoder: model.decoder(false),
             stop: Vec::new(),
             eos_token_ids: model.eos_token_ids(),
             prompt_tokens,

@@ -119,8 +119,8 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`, this many most likely alternatives, 0 to 20.
     pub top_logprobs: Option<i64>,
-    /// Functions the model may call.
-    pub tools: Option<Vec<serde_json::Value>>,
+    /// Functions the model may call (validated in `structured`).
+    pub tools: Option<serde_json::Value>,
     /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
     pub tool_choice: Option<serde_json::Value>,
     /// Whether several calls may come in one answer.
@@ -148,6 +148,15 @@ pub struct ChatMessageIn {
     /// Text, or an array of content parts; null for tool-call messages.
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// The calls an assistant message made (validated in the chat route).
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// For a `tool` message: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The author's or the function's name.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A message's content.
@@ -264,7 +273,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// The output tokens' log probabilities, when asked for.
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
 }
 
@@ -273,8 +282,22 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; null when the answer is only tool calls.
+    pub content: Option<String>,
+    /// The tools the model called.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<prompt::ToolCall>,
+}
+
+/// A tool call in a stream: the whole call in one chunk, with its place
+/// among the response's calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    /// The call's position, from 0.
+    pub index: usize,
+    /// Its id, name and arguments.
+    #[serde(flatten)]
+    pub call: prompt::ToolCall,
 }
 
 /// One streamed chat chunk.
@@ -318,6 +341,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Complete tool calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// A non-streaming text completion, also the shape of its stream chunks.

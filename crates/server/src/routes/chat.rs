@@ -8,7 +8,10 @@ use axum::{
 };
 use std::sync::Arc;
 
+use batching_types::SharedConstraint;
 use futures::{stream, StreamExt};
+use prompt::{ChatMessage, ToolCall};
+use serde_json::Value;
 
 use crate::{
     app::AppState,
@@ -21,15 +24,17 @@ use crate::{
             ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, MessageContent,
         },
     },
-    prepare::{check_model, prepare, top_logprobs, Edge, EndpointOptions},
+    prepare::{check_model, off_the_workers, prepare, top_logprobs, Edge, EndpointOptions},
     request_id::RequestName,
     routes::{
         self,
         streaming::{first_step, items, StreamItem},
+        tool_calls::{ToolOutput, ToolStream},
         unix_now,
     },
     sse,
-    text_model::{ChatMessage, TextModel},
+    structured::{self, OutputPlan},
+    text_model::TextModel,
 };
 
 /// Roles a chat template can be expected to know.
@@ -43,15 +48,15 @@ pub async fn handler(
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&state, &body.model)?;
-    let messages = flatten_messages(&body.messages)?;
-    let prompt = state
-        .model
-        .chat_prompt(&messages)
-        .map_err(|e| ApiError::invalid_param("messages", format!("chat template: {e:#}")))?;
-    let tokens = state
-        .model
-        .encode(&prompt)
-        .map_err(|e| ApiError::invalid_param("messages", format!("tokenizer: {e:#}")))?;
+    let messages = chat_messages(&body.messages)?;
+    let plan = OutputPlan::new(
+        structured::response_format(body.params.response_format.as_ref())?,
+        structured::tools(
+            body.tools.as_ref(),
+            body.tool_choice.as_ref(),
+            body.parallel_tool_calls,
+        )?,
+    )?;
     let logprobs = match (body.logprobs, body.top_logprobs) {
         (Some(true), top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0))?),
         (_, Some(_)) => {
@@ -62,6 +67,11 @@ pub async fn handler(
         }
         _ => None,
     };
+    let tool_output = plan.tools.active().then(|| ToolOutput {
+        format: state.model.tool_call_format(),
+        parallel: plan.tools.parallel,
+    });
+    let (tokens, constraint) = render(&state, messages, plan).await?;
     let prepared = prepare(
         &state,
         tokens,
@@ -73,7 +83,9 @@ pub async fn handler(
         },
         EndpointOptions {
             logprobs,
-            ..EndpointOptions::default()
+            constraint,
+            // Tool-call markers may be special tokens.
+            keep_special_tokens: tool_output.is_some(),
         },
     )?;
     let id = format!("chatcmpl-{}", name.0);
@@ -84,6 +96,13 @@ pub async fn handler(
 
     if !prepared.stream {
         let answer = generation.collect().await?;
+        let (content, tool_calls, finish_reason) = match tool_output {
+            Some(output) => {
+                let split = output.split(answer.text, answer.reason);
+                (split.content, split.tool_calls, split.finish_reason)
+            }
+            None => (Some(answer.text), Vec::new(), answer.reason),
+        };
         return Ok(Json(ChatCompletion {
             id,
             object: "chat.completion",
@@ -93,11 +112,12 @@ pub async fn handler(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: answer.text,
+                    content,
+                    tool_calls,
                 },
                 logprobs: logprobs
                     .map(|_| routes::logprobs::chat(state.model.as_ref(), &answer.logprobs)),
-                finish_reason: answer.reason,
+                finish_reason,
             }],
             usage: answer.usage,
         })
@@ -105,17 +125,19 @@ pub async fn handler(
     }
 
     let first = first_step(&mut generation).await?;
-    let chunker = Chunker {
+    let mut chunker = Chunker {
         id,
         created,
         model,
         include_usage: prepared.include_usage,
         logprobs: logprobs.map(|_| Arc::clone(&state.model)),
+        tools: tool_output.map(ToolOutput::stream),
     };
     let opening = chunker.chunk(
         ChatDelta {
             role: Some("assistant"),
             content: Some(String::new()),
+            ..ChatDelta::default()
         },
         None,
         None,
@@ -127,58 +149,176 @@ pub async fn handler(
     ))
 }
 
-/// Turns messages into plain text ones, refusing what a text model cannot
-/// read.
-fn flatten_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+/// Renders the chat template, tokenizes it and compiles the output's
+/// grammar, off the async workers.
+async fn render(
+    state: &AppState,
+    messages: Vec<ChatMessage>,
+    plan: OutputPlan,
+) -> Result<(Vec<u32>, Option<SharedConstraint>), ApiError> {
+    let model = Arc::clone(&state.model);
+    off_the_workers(move || {
+        let prompt = model
+            .chat_prompt(&messages, plan.tools.shown())
+            .map_err(|e| ApiError::invalid_param("messages", format!("chat template: {e:#}")))?;
+        let tokens = model
+            .encode(&prompt)
+            .map_err(|e| ApiError::invalid_param("messages", format!("tokenizer: {e:#}")))?;
+        let constraint = structured::compile(model.as_ref(), &plan)?;
+        Ok((tokens, constraint))
+    })
+    .await
+}
+
+/// Checks the conversation and turns it into the template's messages:
+/// text content only, tool calls only on assistant messages, and every
+/// tool result answering a call made before it.
+fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
             "messages must contain at least one message",
         ));
     }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(ApiError::invalid_param(
-                    &format!("messages[{i}].role"),
-                    format!(
-                        "unknown role {:?}: expected one of {}",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
-                ));
-            }
-            let content = match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(text)) => text.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        match (part.kind.as_str(), &part.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid_param(
-                                    &format!("messages[{i}].content"),
-                                    format!(
-                                        "content parts of type {:?} are not supported; only text parts are",
-                                        part.kind
-                                    ),
-                                ))
-                            }
+    let mut call_ids: Vec<String> = Vec::new();
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let param = |field: &str| format!("messages[{i}]{field}");
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid_param(
+                &param(".role"),
+                format!(
+                    "unknown role {:?}: expected one of {}",
+                    m.role,
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+        let content = match &m.content {
+            None => None,
+            Some(MessageContent::Text(text)) => Some(text.clone()),
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid_param(
+                                &param(".content"),
+                                format!(
+                                "content parts of type {:?} are not supported; only text parts are",
+                                part.kind
+                            ),
+                            ))
                         }
                     }
-                    text
                 }
+                Some(text)
+            }
+        };
+        let tool_calls = match &m.tool_calls {
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) if m.role != "assistant" => {
+                return Err(ApiError::invalid_param(
+                    &param(".tool_calls"),
+                    "only assistant messages carry tool_calls",
+                ))
+            }
+            Some(calls) => tool_calls(i, calls)?,
+        };
+        call_ids.extend(tool_calls.iter().map(|c| c.id.clone()));
+        let tool_call_id = match (&m.tool_call_id, m.role.as_str()) {
+            (None, "tool") => {
+                return Err(ApiError::invalid_param(
+                    &param(".tool_call_id"),
+                    "a tool message needs the tool_call_id of the call it answers",
+                ))
+            }
+            (Some(id), "tool") if !call_ids.contains(id) => {
+                return Err(ApiError::invalid_param(
+                    &param(".tool_call_id"),
+                    format!("no earlier assistant message made a tool call with id {id:?}"),
+                ))
+            }
+            (Some(_), role) if role != "tool" => {
+                return Err(ApiError::invalid_param(
+                    &param(".tool_call_id"),
+                    "only tool messages carry a tool_call_id",
+                ))
+            }
+            (id, _) => id.clone(),
+        };
+        // Templates render a missing content as nothing only when the
+        // message calls tools; elsewhere an empty text is the safe reading.
+        let content = if content.is_none() && tool_calls.is_empty() {
+            Some(String::new())
+        } else {
+            content
+        };
+        // Templates written before the `developer` role know it as `system`.
+        let role = if m.role == "developer" {
+            "system".to_owned()
+        } else {
+            m.role.clone()
+        };
+        out.push(ChatMessage {
+            role,
+            content,
+            tool_calls,
+            tool_call_id,
+            name: m.name.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// An assistant message's `tool_calls`, checked.
+fn tool_calls(i: usize, calls: &Value) -> Result<Vec<ToolCall>, ApiError> {
+    let Some(calls) = calls.as_array() else {
+        return Err(ApiError::invalid_param(
+            &format!("messages[{i}].tool_calls"),
+            "tool_calls must be an array",
+        ));
+    };
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let param = |field: &str| format!("messages[{i}].tool_calls[{j}]{field}");
+            let text = |field: &str, value: Option<&Value>| {
+                value
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(&param(field), format!("{field} must be a string"))
+                    })
             };
-            // Templates written before the `developer` role know it as `system`.
-            let role = if m.role == "developer" {
-                "system".to_owned()
-            } else {
-                m.role.clone()
-            };
-            Ok(ChatMessage { role, content })
+            if let Some(kind) = call.get("type") {
+                if kind != "function" {
+                    return Err(ApiError::invalid_param(
+                        &param(".type"),
+                        "only function tool calls are supported",
+                    ));
+                }
+            }
+            let id = text(".id", call.get("id"))?;
+            let function = call.get("function");
+            let name = text(".function.name", function.and_then(|f| f.get("name")))?;
+            let arguments = text(
+                ".function.arguments",
+                function.and_then(|f| f.get("arguments")),
+            )?;
+            // Templates need the arguments as an object.
+            if !matches!(
+                serde_json::from_str::<Value>(&arguments),
+                Ok(Value::Object(_))
+            ) {
+                return Err(ApiError::invalid_param(
+                    &param(".function.arguments"),
+                    "arguments must be a JSON object written as a string",
+                ));
+            }
+            Ok(ToolCall::function(id, name, arguments))
         })
         .collect()
 }
@@ -191,6 +331,8 @@ struct Chunker {
     include_usage: bool,
     /// The text model, when log probabilities were asked for.
     logprobs: Option<Arc<dyn TextModel>>,
+    /// The tool-call reader, when the output is read for calls.
+    tools: Option<ToolStream>,
 }
 
 impl Chunker {
@@ -215,20 +357,31 @@ impl Chunker {
         })
     }
 
-    fn payloads(&self, item: StreamItem) -> Vec<String> {
+    fn payloads(&mut self, item: StreamItem) -> Vec<String> {
         match item {
-            StreamItem::Text(text, tokens) => vec![self.chunk(
-                ChatDelta {
-                    role: None,
-                    content: Some(text),
-                },
-                self.logprobs
+            StreamItem::Text(text, tokens) => {
+                let logprobs = self
+                    .logprobs
                     .as_ref()
-                    .map(|model| routes::logprobs::chat(model.as_ref(), &tokens)),
-                None,
-            )],
+                    .map(|model| routes::logprobs::chat(model.as_ref(), &tokens));
+                let deltas = match &mut self.tools {
+                    Some(tools) => tools.push(&text),
+                    None => vec![ChatDelta {
+                        content: Some(text),
+                        ..ChatDelta::default()
+                    }],
+                };
+                self.delta_chunks(deltas, logprobs)
+            }
             StreamItem::Finish { reason, usage } => {
-                let mut out = vec![self.chunk(ChatDelta::default(), None, Some(reason))];
+                let (mut out, reason) = match &mut self.tools {
+                    Some(tools) => {
+                        let (deltas, reason) = tools.finish(reason);
+                        (self.delta_chunks(deltas, None), reason)
+                    }
+                    None => (Vec::new(), reason),
+                };
+                out.push(self.chunk(ChatDelta::default(), None, Some(reason)));
                 if self.include_usage {
                     out.push(self.to_json(ChatChunk {
                         id: self.id.clone(),
@@ -243,6 +396,28 @@ impl Chunker {
             }
             StreamItem::Error(e) => vec![e.body_json()],
         }
+    }
+
+    /// One chunk per delta, the log probabilities on the first; a chunk
+    /// with an empty delta carries them when the text was held back (a
+    /// possible tool call), so none are lost.
+    fn delta_chunks(&self, deltas: Vec<ChatDelta>, logprobs: Option<ChatLogprobs>) -> Vec<String> {
+        let mut logprobs = logprobs.filter(|l| !l.content.is_empty());
+        if deltas.is_empty() {
+            return logprobs
+                .map(|l| self.chunk(ChatDelta::default(), Some(l), None))
+                .into_iter()
+                .collect();
+        }
+        deltas
+            .into_iter()
+            .map(|delta| {
+                let lp = logprobs
+                    .take()
+                    .or_else(|| self.logprobs.as_ref().map(|_| ChatLogprobs::default()));
+                self.chunk(delta, lp, None)
+            })
+            .collect()
     }
 
     fn to_json(&self, chunk: ChatChunk) -> String {

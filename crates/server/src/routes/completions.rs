@@ -20,7 +20,7 @@ use crate::{
             CompletionRequest, PromptParam, TextChoice, TextCompletion, TextLogprobs, UsageOut,
         },
     },
-    prepare::{check_model, prepare, top_logprobs, Edge, EndpointOptions},
+    prepare::{check_model, off_the_workers, prepare, top_logprobs, Edge, EndpointOptions},
     request_id::RequestName,
     routes::{
         self,
@@ -28,6 +28,7 @@ use crate::{
         unix_now,
     },
     sse,
+    structured::{self, OutputPlan, ToolPlan},
     text_model::TextModel,
 };
 
@@ -45,11 +46,21 @@ pub async fn handler(
             "echo=true is not supported",
         ));
     }
-    let tokens = prompt_tokens(&state, &body.prompt)?;
     let logprobs = body
         .logprobs
         .map(|n| top_logprobs("logprobs", n))
         .transpose()?;
+    let plan = OutputPlan::new(
+        structured::response_format(body.params.response_format.as_ref())?,
+        ToolPlan::none(),
+    )?;
+    let model = Arc::clone(&state.model);
+    let prompt = body.prompt;
+    let (tokens, constraint) = off_the_workers(move || {
+        let tokens = prompt_tokens(model.as_ref(), prompt)?;
+        Ok((tokens, structured::compile(model.as_ref(), &plan)?))
+    })
+    .await?;
     let prepared = prepare(
         &state,
         tokens,
@@ -61,7 +72,8 @@ pub async fn handler(
         },
         EndpointOptions {
             logprobs,
-            ..EndpointOptions::default()
+            constraint,
+            keep_special_tokens: false,
         },
     )?;
     let mut shape = Shape {
@@ -90,10 +102,9 @@ pub async fn handler(
 }
 
 /// The prompt as token ids; exactly one prompt per request.
-fn prompt_tokens(state: &AppState, prompt: &PromptParam) -> Result<Vec<u32>, ApiError> {
+fn prompt_tokens(model: &dyn TextModel, prompt: PromptParam) -> Result<Vec<u32>, ApiError> {
     let encode = |text: &str| {
-        state
-            .model
+        model
             .encode(text)
             .map_err(|e| ApiError::invalid_param("prompt", format!("tokenizer: {e:#}")))
     };
@@ -104,14 +115,14 @@ fn prompt_tokens(state: &AppState, prompt: &PromptParam) -> Result<Vec<u32>, Api
         )
     };
     match prompt {
-        PromptParam::Text(text) => encode(text),
-        PromptParam::Tokens(tokens) => Ok(tokens.clone()),
+        PromptParam::Text(text) => encode(&text),
+        PromptParam::Tokens(tokens) => Ok(tokens),
         PromptParam::Texts(texts) => match texts.as_slice() {
             [text] => encode(text),
             _ => Err(one_prompt()),
         },
-        PromptParam::TokenLists(lists) => match lists.as_slice() {
-            [tokens] => Ok(tokens.clone()),
+        PromptParam::TokenLists(mut lists) => match lists.len() {
+            1 => Ok(lists.swap_remove(0)),
             _ => Err(one_prompt()),
         },
     }

@@ -7,6 +7,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod models;
 pub mod streaming;
+pub mod tool_calls;
 
 use axum::http::Uri;
 

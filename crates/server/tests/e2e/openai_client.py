@@ -7,12 +7,15 @@ lines prefixed with "measure:" for the report.
 """
 
 import json
+import os
 import sys
 import threading
 import time
 import urllib.request
+from typing import Literal
 
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
+from pydantic import BaseModel
 
 BASE = sys.argv[1]
 MODEL = sys.argv[2]
@@ -337,6 +340,237 @@ def measure():
         )
 
 
+class Weather(BaseModel):
+    """What `structured` asks for: short fields, so a small model finishes."""
+
+    city: Literal["Paris", "Oslo", "Lima", "Tokyo"]
+    unit: Literal["celsius", "fahrenheit"]
+    temperature: int
+    raining: bool
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima", "Tokyo"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the local time in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima", "Tokyo"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def weather_question(i):
+    city = ["Paris", "Oslo", "Lima", "Tokyo"][i % 4]
+    return [
+        {"role": "system", "content": "Answer with the weather report as JSON."},
+        {"role": "user", "content": f"What is the weather like in {city} today?"},
+    ]
+
+
+def parse_weather(i, streamed):
+    """One structured answer through the client's own parsing helpers."""
+    kwargs = dict(model=MODEL, messages=weather_question(i), max_tokens=80, temperature=0,
+                  response_format=Weather)
+    if streamed:
+        with client.chat.completions.stream(**kwargs) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+    else:
+        final = client.chat.completions.parse(**kwargs)
+    choice = final.choices[0]
+    assert choice.finish_reason == "stop", choice
+    parsed = choice.message.parsed
+    assert isinstance(parsed, Weather), choice.message
+    return parsed
+
+
+def check_structured_output():
+    """8 concurrent answers in a pydantic schema, half of them streamed,
+    each parsed by the client; streamed and whole answers agree."""
+    results = run_threads([lambda i=i: parse_weather(i, i % 2 == 1) for i in range(BATCH)])
+    for i, parsed in enumerate(results):
+        assert parsed is not None, i
+    # Greedy and batch-invariant: the same question gives the same answer
+    # streamed or not.
+    assert results[0] == parse_weather(0, True), (results[0],)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "List two colours as JSON."}],
+        max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict), r
+    r = client.completions.create(
+        model=MODEL, prompt="The weather report in JSON:", max_tokens=80, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {
+            "name": "weather", "schema": Weather.model_json_schema(), "strict": True}}})
+    assert r.choices[0].finish_reason == "stop", r
+    Weather.model_validate_json(r.choices[0].text)
+
+
+def check_tool_calls():
+    """A named tool choice, streamed or not, gives a call whose arguments
+    follow the schema; the conversation goes on with the tool's result."""
+    messages = [{"role": "user", "content": "What's the weather in Oslo?"}]
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named,
+                                       max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_weather", calls
+    args = json.loads(calls[0].function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), args
+
+    streamed, finish = {}, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, tools=tools,
+                                                tool_choice=named, max_tokens=60, temperature=0,
+                                                stream=True):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                slot = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+                slot["name"] += d.function.name or ""
+                slot["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls", finish
+    assert [(v["name"], json.loads(v["arguments"])) for v in streamed.values()] == [("get_weather", args)], streamed
+
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=60, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1, r
+
+    follow = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": json.dumps({"temperature": 3, "sky": "snow"})},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=follow, tools=tools, max_tokens=30, temperature=0)
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls, r
+
+
+def check_logprobs_and_sampling():
+    """Greedy log probabilities are self-consistent; penalties and logit
+    bias change the output; unsupported fields are refused by name."""
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens or len(content) == r.usage.completion_tokens - 1, r
+    for t in content:
+        top = t.top_logprobs
+        assert len(top) == 3, t
+        assert t.token == top[0].token and abs(t.logprob - top[0].logprob) < 1e-4, t
+        assert top[0].logprob >= top[1].logprob >= top[2].logprob, t
+        assert t.logprob <= 0, t
+    assert "".join(t.token for t in content) == r.choices[0].message.content, (content, r)
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=True):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    assert [(t.token, round(t.logprob, 3)) for t in streamed] == [(t.token, round(t.logprob, 3)) for t in content]
+
+    c = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6, lp
+    assert "".join(lp.tokens) == c.choices[0].text, lp
+
+    base = chat_once(max_tokens=30).choices[0].message.content
+    first_token = content[0]
+    penalised = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=30, temperature=0,
+                                               frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.choices[0].message.content != base, base
+    # Ban the greedy first token: the answer must start differently.
+    tokens = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=1, temperature=0,
+                                       logprobs=1)
+    first = tokens.choices[0].text
+    banned_id = token_id_of(first)
+    unbanned = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=1, temperature=0,
+                                         logit_bias={str(banned_id): -100})
+    assert unbanned.choices[0].text != first, (first, unbanned)
+    forced = client.completions.create(model=MODEL, prompt="Once upon a time,", max_tokens=3, temperature=0,
+                                       logit_bias={str(banned_id): 100})
+    assert forced.choices[0].text == first * 3, (first, forced)
+    assert first_token.token, first_token
+
+    for bad, param in (({"best_of": 2}, "best_of"), ({"functions": []}, "functions")):
+        try:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=bad)
+        except BadRequestError as e:
+            assert e.body["param"] == param and e.body["code"] == "unknown_parameter", e.body
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def byte_chars():
+    """GPT-2's table from bytes to the printable characters byte-level BPE
+    vocabularies spell them with."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
+
+
+def token_id_of(text):
+    """The id of the one token `text` is, from the model's tokenizer file
+    (the server tokenizes it as one token: checked first)."""
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == 1, (text, r.usage)
+    with open(os.path.join(os.environ["MLX_BATCH_MODEL_DIR"], "tokenizer.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    table = byte_chars()
+    return vocab["".join(table[b] for b in text.encode())]
+
+
+def measure_structured():
+    """Decode throughput of 8 free-text streams against 8 constrained ones."""
+    for constrained in (False, True):
+        marks = {}
+        start = time.monotonic()
+
+        def one(i):
+            kwargs = dict(model=MODEL, messages=weather_question(i), max_tokens=64, temperature=0)
+            if constrained:
+                kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": "w", "schema": {"type": "object", "properties": {
+                        "notes": {"type": "array", "items": {"type": "string"}}}, "required": ["notes"]}}}
+            t0 = time.monotonic()
+            r = client.chat.completions.create(**kwargs)
+            marks[i] = (time.monotonic() - t0, r.usage.completion_tokens)
+
+        run_threads([lambda i=i: one(i) for i in range(BATCH)])
+        wall = time.monotonic() - start
+        tokens = sum(v[1] for v in marks.values())
+        print("measure:", json.dumps({"check": "structured", "constrained": constrained, "streams": BATCH,
+                                      "completion_tokens": tokens, "wall_s": round(wall, 3),
+                                      "tokens_per_s": round(tokens / wall, 1)}), flush=True)
+
+
 CHECKS = {
     "basic": lambda: (check_models(), check_chat_stream(check_chat()), check_completions()),
     "concurrent": check_concurrent_streams_match_solo,
@@ -344,7 +578,11 @@ CHECKS = {
     "disconnect": check_disconnect_frees_capacity,
     "preempt": check_high_enters_a_full_batch,
     "long_prompt": check_short_prompts_start_beside_a_long_one,
+    "structured": check_structured_output,
+    "tools": check_tool_calls,
+    "logprobs": check_logprobs_and_sampling,
     "measure": measure,
+    "measure_structured": measure_structured,
 }
 
 if __name__ == "__main__":
