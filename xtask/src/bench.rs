@@ -28,7 +28,7 @@ use std::{
 use anyhow::{bail, Context};
 use loadgen::{BenchArgs as LoadArgs, ChartSeries, LengthSpec, RunSummary};
 
-use crate::util::{cargo, run as run_step, workspace_root};
+use crate::util::{build_release_server, workspace_root};
 
 mod conversation;
 mod peers;
@@ -342,21 +342,8 @@ fn prepare(
     let port = args.port.to_string();
     let mut cmd = match server {
         Server::MlxBatch => {
-            run_step(
-                "building mlx-batch (release)",
-                cargo().args([
-                    "build",
-                    "--release",
-                    "--package",
-                    "server",
-                    "--bin",
-                    "mlx-batch",
-                ]),
-            )?;
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let mut cmd = Command::new(target.join("release").join("mlx-batch"));
+            let binary = build_release_server("building mlx-batch (release)")?;
+            let mut cmd = Command::new(binary);
             cmd.arg("serve").arg("--model").arg(model_dir).args([
                 "--host",
                 "127.0.0.1",

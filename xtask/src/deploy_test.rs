@@ -44,7 +44,7 @@ use std::{
 use anyhow::{bail, ensure, Context};
 use tokio::{sync::oneshot, task::JoinHandle};
 
-use crate::util::{cargo, run as run_step, workspace_root};
+use crate::util::{build_release_server, target_dir, workspace_root};
 use observe::{is_uuid, log_lines, query_samples, sum_metric, url_encode, LogLine};
 use procs::{free_ports, Fleet, ProcId};
 use traffic::{complete, stream, Chat, Reply, StreamEnd, StreamOutcome};
@@ -160,10 +160,7 @@ pub fn run() -> anyhow::Result<()> {
         return Ok(());
     };
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let dir = target.join("deploy-test");
+    let dir = target_dir().join("deploy-test");
     // A previous run's Prometheus data and logs would mix with this one's.
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -184,18 +181,7 @@ pub fn run() -> anyhow::Result<()> {
         cuda: false,
         references: false,
     })?;
-    run_step(
-        "build the server",
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "server",
-            "--bin",
-            "mlx-batch",
-        ]),
-    )?;
-    let binary = target.join("release").join("mlx-batch");
+    let binary = build_release_server("build the server")?;
     let model_name = model
         .file_name()
         .context("the model folder has no name")?

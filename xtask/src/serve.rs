@@ -6,7 +6,7 @@
 
 use clap::Args;
 
-use crate::util::{cargo, run as run_step};
+use crate::util::{build_release_server, cargo, run as run_step};
 
 /// Options of `cargo xtask serve`.
 #[derive(Debug, Args)]
@@ -28,17 +28,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     // Built as its own step so that the first run can say how long setup
     // and the build took before the server starts loading.
-    run_step(
-        "build the server",
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "server",
-            "--bin",
-            "mlx-batch",
-        ]),
-    )?;
+    build_release_server("build the server")?;
     eprintln!(
         "xtask: setup and build took {}; starting the server",
         crate::progress::minutes(started.elapsed())

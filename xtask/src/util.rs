@@ -45,6 +45,31 @@ pub fn output(what: &str, cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Cargo's target folder: `CARGO_TARGET_DIR`, else `target` in the
+/// workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds the release `mlx-batch` binary as a step named `what` and
+/// returns its path.
+pub fn build_release_server(what: &str) -> anyhow::Result<PathBuf> {
+    run(
+        what,
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "server",
+            "--bin",
+            "mlx-batch",
+        ]),
+    )?;
+    Ok(target_dir().join("release").join("mlx-batch"))
+}
+
 /// A `cargo` command using the same cargo that runs xtask.
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))

@@ -18,10 +18,7 @@ pub struct MlxTextModel {
     tokenizer: Tokenizer,
     /// Built once at load (about 0.1 s for a 49k vocabulary): a request
     /// only compiles its own grammar against it.
-    grammars: GrammarCompiler,
-    /// The tokenizer's end tokens, then the config's, without repeats:
-    /// merged once here, since every request asks for them.
-    eos_token_ids: Vec<u32>,
+    grammars: Option<GrammarCompiler>,
 }
 
 impl MlxTextModel {
@@ -31,21 +28,21 @@ impl MlxTextModel {
             .with_context(|| format!("reading the model config in {}", dir.display()))?;
         let tokenizer = Tokenizer::from_model_dir(dir)
             .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
-        let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
-        for id in &info.eos_token_ids {
-            if !eos_token_ids.contains(id) {
-                eos_token_ids.push(*id);
-            }
-        }
         // The logits are as wide as the embedding, which may pad the
-        // tokenizer's vocabulary; masks must cover all of it.
-        let grammars = GrammarCompiler::from_tokenizer(&tokenizer, &eos_token_ids, info.vocab_size)
-            .with_context(|| format!("preparing constrained decoding for {}", dir.display()))?;
+        // tokenizer's vocabulary; masks must cover all of it. A model that
+        // cannot have grammars (no end-of-sequence token, a tokenizer that
+        // is neither byte-level nor byte-fallback) still serves free text,
+        // and refuses structured output by name.
+        let grammars =
+            GrammarCompiler::from_tokenizer(&tokenizer, tokenizer.eos_token_ids(), info.vocab_size)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no constrained decoding for this model: response_format and required tool calls will be refused");
+                })
+                .ok();
         Ok(Self {
             info,
             tokenizer,
             grammars,
-            eos_token_ids,
         })
     }
 
@@ -70,7 +67,8 @@ impl TextModel for MlxTextModel {
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_ids.clone()
+        // The tokenizer's union of every file a model may put them in.
+        self.tokenizer.eos_token_ids().to_vec()
     }
 
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
@@ -94,7 +92,7 @@ impl TextModel for MlxTextModel {
     }
 
     fn grammars(&self) -> Option<&GrammarCompiler> {
-        Some(&self.grammars)
+        self.grammars.as_ref()
     }
 
     fn token_text(&self, token: u32) -> String {

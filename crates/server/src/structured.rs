@@ -390,7 +390,7 @@ pub fn compile(
     let compiler = model.grammars().ok_or_else(|| {
         ApiError::invalid_param(
             param,
-            "this model cannot constrain its output (its tokenizer has no end-of-sequence token)",
+            "this model cannot constrain its output (its tokenizer has no end-of-sequence token, or is neither byte-level nor byte-fallback); the server log says which",
         )
     })?;
     let grammar = match (tool_choice, json) {

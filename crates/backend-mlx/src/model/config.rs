@@ -13,23 +13,6 @@ use crate::error::BackendError;
 /// grouped-query attention), by `model_type`.
 const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
 
-/// `eos_token_id` in `config.json` is either one id or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    fn into_vec(self) -> Vec<u32> {
-        match self {
-            TokenIds::One(id) => vec![id],
-            TokenIds::Many(ids) => ids,
-        }
-    }
-}
-
 /// How positions are scaled before the rotary embedding.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -104,8 +87,6 @@ pub struct ModelConfig {
     /// Per-module overrides (`"model.embed_tokens": {...}`), mlx-lm style;
     /// `None` for a module means it is not quantized.
     pub quantization_overrides: BTreeMap<String, Option<QuantSpec>>,
-    /// `eos_token_id`, if given.
-    pub eos_token_ids: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,7 +111,6 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     quantization: Option<serde_json::Value>,
     quantization_config: Option<serde_json::Value>,
-    eos_token_id: Option<TokenIds>,
 }
 
 impl ModelConfig {
@@ -213,7 +193,6 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             quantization,
             quantization_overrides,
-            eos_token_ids: raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
         })
     }
 
@@ -322,8 +301,6 @@ pub struct ModelInfo {
     pub max_context: usize,
     /// Rows of the embedding.
     pub vocab_size: usize,
-    /// `eos_token_id` from `config.json` (the tokenizer may know more).
-    pub eos_token_ids: Vec<u32>,
 }
 
 impl ModelInfo {
@@ -346,7 +323,6 @@ impl ModelInfo {
             architecture: config.architecture.clone(),
             max_context: config.max_position_embeddings,
             vocab_size: config.vocab_size,
-            eos_token_ids: config.eos_token_ids.clone(),
         }
     }
 }
@@ -372,7 +348,6 @@ mod tests {
         assert_eq!(c.head_dim, 64);
         assert_eq!(c.num_kv_heads, 3);
         assert!(!c.attention_bias);
-        assert_eq!(c.eos_token_ids, vec![2]);
         let four = QuantSpec {
             group_size: 32,
             bits: 4,
@@ -397,7 +372,6 @@ mod tests {
         .unwrap();
         assert!(c.attention_bias);
         assert_eq!(c.rope_theta, 1_000_000.0);
-        assert_eq!(c.eos_token_ids, vec![5, 6]);
         assert_eq!(c.quantization_for("lm_head"), None);
     }
 
