@@ -533,6 +533,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let long = json!({"model": MODEL, "prompt": "a", "max_tokens": 400, "stream": true});
     let mut running = SseReader::new(s.open_stream("/v1/completions", &long).await);
     running.next().await.unwrap();
+    // The engine publishes its counts after a step, so until then the
+    // running request may still show as waiting: wait for it to show as
+    // running before reading `waiting` as the queued request.
+    wait_engine(&s, "running", 1).await;
     let queued = {
         let client = s.client.clone();
         let url = s.url("/v1/completions");
