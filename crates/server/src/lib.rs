@@ -4,7 +4,7 @@
 //! The main design decision is that the HTTP layer talks to the rest of the
 //! system through two small seams, [`service::GenerationService`] (submit a request, get
 //! its event stream; report health) and [`text_model::TextModel`] (encode,
-//! chat template, streaming detokenizer). Routes therefore hold no model or
+//! chat template with tools, streaming detokenizer, grammar compiler). Routes therefore hold no model or
 //! scheduling logic, they are tested over real HTTP with the simulated
 //! backend and a byte-level model, and the binary plugs in the real
 //! scheduler and tokenizer. A response owns its engine event stream, so a
