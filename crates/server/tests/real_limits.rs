@@ -239,7 +239,7 @@ async fn under_a_small_memory_limit_work_waits_or_gets_503_and_none_is_lost() {
     );
     let errors = counter(&m, "mlx_batch_request_failures_total", "");
     eprintln!(
-        "memory limit {limit_arg} (weights {} MiB + KV 64 MiB + 48 MiB): {sent} requests served, {oom} steps refused for memory, {retried} submissions shed with 503",
+        "memory limit {limit_arg} (weights {} MiB + KV 64 MiB + 48 MiB): {sent} requests served, steps refused for memory: {oom}, submissions shed with 503: {retried}",
         weights / MIB
     );
     assert!(
