@@ -97,5 +97,38 @@ fn square(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_shapes, square);
+/// The products of a 512-token prefill chunk's attention in the default
+/// model (3 KV heads, each shared by 3 query heads, head size 64) over a
+/// context of 512 and 2048 keys: scores `[3, 1536, 64] x [3, 64, span]`
+/// and the weighted sum `[3, 1536, span] x [3, span, 64]`, batched over
+/// the KV heads as the CPU attention path issues them.
+fn prefill_attention(c: &mut Criterion) {
+    let (kv, rows, hd) = (3, 1536, 64);
+    let mut group = c.benchmark_group("prefill_attention");
+    group.sample_size(10);
+    for span in [512, 2048] {
+        let q = matrix(kv * rows, hd, 5).reshape(&[kv, rows, hd]).unwrap();
+        let k = matrix(kv * span, hd, 6).reshape(&[kv, span, hd]).unwrap();
+        let p = matrix(kv * rows, span, 7)
+            .reshape(&[kv, rows, span])
+            .unwrap();
+        let kt = k.transpose_axes(&[0, 2, 1]).unwrap();
+        let flops = 2 * (kv * rows * span * hd) as u64;
+        let scores = || {
+            let y = ops::matmul(&q, &kt).unwrap();
+            eval([&y]).unwrap();
+        };
+        print_gflops(&format!("scores span {span}"), flops, scores);
+        group.bench_function(BenchmarkId::new("scores", span), |b| b.iter(scores));
+        let weighted = || {
+            let y = ops::matmul(&p, &k).unwrap();
+            eval([&y]).unwrap();
+        };
+        print_gflops(&format!("weighted sum span {span}"), flops, weighted);
+        group.bench_function(BenchmarkId::new("weighted_sum", span), |b| b.iter(weighted));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode_shapes, square, prefill_attention);
 criterion_main!(benches);

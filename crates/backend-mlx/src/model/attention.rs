@@ -16,8 +16,10 @@
 //!   the weighted sum afterwards. That is `kv_heads` times the (tiny)
 //!   attention arithmetic for a third of the BLAS calls and no copies of the
 //!   keys. A prefill chunk stacks the query heads that share a KV head into
-//!   one matmul per KV head. Softmax is the compiled one of [`Fused`], with
-//!   the masks built on the host once per step.
+//!   one matmul per KV head. A decode's softmax is the compiled one of
+//!   [`Fused`], with its mask built on the host once per step; a chunk's
+//!   f32 softmax runs on the host over each query's visible keys only
+//!   ([`causal_softmax`]), since MLX's CPU `exp` is scalar.
 
 use mlx_rs::{
     fast::{self, ScaledDotProductAttentionMask},
@@ -25,7 +27,11 @@ use mlx_rs::{
     Array, Dtype,
 };
 
-use super::{fused::Fused, Chunk, StepBatch};
+use super::{
+    causal_softmax::{self, CausalRows},
+    fused::Fused,
+    Chunk, StepBatch,
+};
 use crate::profile::{Profiler, Stage};
 
 type MlxResult<T> = mlx_rs::error::Result<T>;
@@ -47,6 +53,17 @@ impl Heads {
     fn width(self) -> i32 {
         self.kv_heads * self.head_dim
     }
+}
+
+/// How a prefill chunk's softmax on the fused path hides the keys past
+/// each query's position.
+enum ChunkSoftmax {
+    /// f32 scores: normalised on the host over each row's visible keys
+    /// (see [`causal_softmax`]).
+    Host(CausalRows),
+    /// Other dtypes: the compiled softmax with an additive causal mask
+    /// `[chunk, span]`.
+    Masked(Array),
 }
 
 /// Which pool blocks one attention call reads.
@@ -129,9 +146,9 @@ struct DecodePlan {
 /// What attention reads in one step, built once and shared by every layer.
 pub(crate) struct AttentionPlan {
     decode: Option<DecodePlan>,
-    /// Per prefill chunk: its blocks and (fused path) its causal mask
-    /// `[chunk, span]`.
-    chunks: Vec<(BlockGather, Option<Array>)>,
+    /// Per prefill chunk: its blocks and, on the fused path, how its
+    /// softmax hides the future.
+    chunks: Vec<(BlockGather, Option<ChunkSoftmax>)>,
     heads: Heads,
 }
 
@@ -203,7 +220,15 @@ impl AttentionPlan {
             let (gather, mask) = if fused {
                 let gather = BlockGather::new(&[(chunk.table, end)], bs, None);
                 let span = gather.span() as usize;
-                (gather, Some(cast(causal_mask(chunk, span))?))
+                let softmax = if dtype == Dtype::Float32 {
+                    ChunkSoftmax::Host(CausalRows {
+                        queries: chunk.len,
+                        position: chunk.position,
+                    })
+                } else {
+                    ChunkSoftmax::Masked(cast(causal_mask(chunk, span))?)
+                };
+                (gather, Some(softmax))
             } else {
                 (BlockGather::new(&[(chunk.table, end)], bs, Some(end)), None)
             };
@@ -306,10 +331,19 @@ impl AttentionPlan {
                     .reshape(&[kv, rep * n, hd])?;
                 let scores = ops::matmul(&qg, kk.transpose_axes(&[0, 2, 1])?)?;
                 let span = scores.dim(2);
-                let scores = scores.reshape(&[kv, rep, n, span])?;
-                let p = fused
-                    .softmax(&scores, mask)?
-                    .reshape(&[kv, rep * n, span])?;
+                let p = match mask {
+                    ChunkSoftmax::Host(rows) => {
+                        // The scores are evaluated, then normalised on the
+                        // host: both are attention's time.
+                        prof.mark(Stage::Attention, &[&scores])?;
+                        let p = causal_softmax::softmax_in_place(scores, *rows)?;
+                        prof.host(Stage::Attention);
+                        p
+                    }
+                    ChunkSoftmax::Masked(mask) => fused
+                        .softmax(&scores.reshape(&[kv, rep, n, span])?, mask)?
+                        .reshape(&[kv, rep * n, span])?,
+                };
                 ops::matmul(&p, &vv)?.reshape(&[kv, rep, n, hd])?
             }
             _ => {

@@ -1,6 +1,7 @@
 //! The model: configuration, weights and the Llama-family forward pass.
 
 pub(crate) mod attention;
+pub(crate) mod causal_softmax;
 pub mod config;
 pub(crate) mod fused;
 pub(crate) mod linear;
