@@ -82,16 +82,20 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 mod tests {
     use super::*;
 
+    /// Distinct, and never a port in use. (Whether a port is still free
+    /// when it is bound later cannot be tested: any process on the machine
+    /// may take it meanwhile, as an outgoing connection's source port.)
     #[test]
-    fn free_ports_are_distinct_and_bindable() {
-        let ports = free_ports(5).unwrap();
+    fn free_ports_are_distinct_and_not_in_use() {
+        let held = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let held_port = held.local_addr().unwrap().port();
+        let ports = free_ports(20).unwrap();
         let mut unique = ports.clone();
         unique.sort_unstable();
         unique.dedup();
-        assert_eq!(unique.len(), 5, "{ports:?}");
-        for port in ports {
-            TcpListener::bind(("127.0.0.1", port)).unwrap();
-        }
+        assert_eq!(unique.len(), 20, "{ports:?}");
+        assert!(!ports.contains(&held_port), "{held_port} is in use: {ports:?}");
+        assert!(ports.iter().all(|&p| p != 0), "{ports:?}");
     }
 
     #[test]
