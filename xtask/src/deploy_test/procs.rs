@@ -94,7 +94,10 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), 20, "{ports:?}");
-        assert!(!ports.contains(&held_port), "{held_port} is in use: {ports:?}");
+        assert!(
+            !ports.contains(&held_port),
+            "{held_port} is in use: {ports:?}"
+        );
         assert!(ports.iter().all(|&p| p != 0), "{ports:?}");
     }
 

@@ -1,35 +1,39 @@
 //! Attention over the block pool: what a step reads (built once per step,
-//! shared by every layer) and the two ways of attending.
+//! shared by every layer) and the ways of attending.
 //!
-//! Both read each sequence's keys and values by gathering its whole blocks
-//! along the pool's first axis (the fast, contiguous case of MLX's gather).
+//! All but the host path read each sequence's keys and values by gathering
+//! its whole blocks along the pool's first axis (the fast, contiguous case
+//! of MLX's gather).
 //!
 //! - **Fast** (GPU): the gathered blocks are laid out heads-first and fed to
 //!   MLX's `scaled_dot_product_attention`, a fused kernel there.
+//! - **Host** (CPU, f32): decode rows attend on the host, reading each
+//!   row's keys and values straight from the pool through its block table
+//!   (no gather, no padding mask; see [`host_ops`]).
 //! - **Fused** (CPU, where that op falls back to primitives and runs one
-//!   BLAS call per sequence and head): a decode step attends for every
-//!   sequence with two matmuls per sequence over the gathered blocks as
-//!   they lie (`[span, kv_heads * head_dim]`, no transpose). Each query
-//!   head's vector is placed in its KV head's slot of a zero
-//!   `kv_heads * head_dim` row (block-diagonal queries), so one product
-//!   gives every head's scores, and the KV head's own slot is picked out of
-//!   the weighted sum afterwards. That is `kv_heads` times the (tiny)
-//!   attention arithmetic for a third of the BLAS calls and no copies of the
-//!   keys. A prefill chunk stacks the query heads that share a KV head into
-//!   one matmul per KV head. A decode's softmax is the compiled one of
-//!   [`Fused`], with its mask built on the host once per step; a chunk's
-//!   f32 softmax runs on the host over each query's visible keys only
-//!   ([`causal_softmax`]), since MLX's CPU `exp` is scalar.
+//!   BLAS call per sequence and head): a prefill chunk stacks the query
+//!   heads that share a KV head into one matmul per KV head over the
+//!   gathered blocks; its f32 softmax runs on the host over each query's
+//!   visible keys only ([`host_ops`]), since MLX's CPU `exp` is scalar, and
+//!   other dtypes use the compiled softmax of [`Fused`] with a causal mask.
+//!   In dtypes other than f32 a decode step attends for every sequence
+//!   with two matmuls per sequence over the gathered blocks as they lie
+//!   (`[span, kv_heads * head_dim]`, no transpose): each query head's
+//!   vector is placed in its KV head's slot of a zero `kv_heads * head_dim`
+//!   row (block-diagonal queries), so one product gives every head's
+//!   scores, and the KV head's own slot is picked out of the weighted sum
+//!   afterwards.
 
 use mlx_rs::{
+    error::Exception,
     fast::{self, ScaledDotProductAttentionMask},
     ops::{self, indexing::IndexOp},
     Array, Dtype,
 };
 
 use super::{
-    causal_softmax::{self, CausalRows},
     fused::Fused,
+    host_ops::{self, CausalRows, DecodeRow, PoolAttention},
     Chunk, StepBatch,
 };
 use crate::profile::{Profiler, Stage};
@@ -59,7 +63,7 @@ impl Heads {
 /// each query's position.
 enum ChunkSoftmax {
     /// f32 scores: normalised on the host over each row's visible keys
-    /// (see [`causal_softmax`]).
+    /// (see [`host_ops`]).
     Host(CausalRows),
     /// Other dtypes: the compiled softmax with an additive causal mask
     /// `[chunk, span]`.
@@ -141,6 +145,9 @@ struct DecodePlan {
     /// KV head's slot, the softmax scale (to place the queries) and 1 (to
     /// pick the output); fused path only.
     selector: Option<(Array, Array)>,
+    /// Fused path in f32: each row's blocks and length, for attention read
+    /// straight from the pool on the host (see [`host_ops`]).
+    host: Option<Vec<DecodeRow>>,
 }
 
 /// What attention reads in one step, built once and shared by every layer.
@@ -204,10 +211,21 @@ impl AttentionPlan {
             } else {
                 None
             };
+            let host = (fused && dtype == Dtype::Float32).then(|| {
+                batch
+                    .decodes
+                    .iter()
+                    .map(|d| DecodeRow {
+                        table: d.table.to_vec(),
+                        len: d.position + 1,
+                    })
+                    .collect()
+            });
             Some(DecodePlan {
                 gather,
                 mask,
                 selector,
+                host,
             })
         };
         let mut chunks = Vec::with_capacity(batch.chunks.len());
@@ -259,6 +277,26 @@ impl AttentionPlan {
         let h = self.heads;
         let rows = plan.gather.rows;
         let q = q.index(0..rows);
+        if let Some(host_rows) = &plan.host {
+            // A contiguous copy of the queries (a few KB).
+            let q = q.reshape(&[rows, h.heads * h.head_dim])?.contiguous()?;
+            prof.mark(Stage::KvGather, &[&q, keys, values])?;
+            let out = host_ops::decode_attention(
+                host_view(&q)?,
+                host_view(keys)?,
+                host_view(values)?,
+                host_rows,
+                PoolAttention {
+                    heads: h.heads as usize,
+                    kv_heads: h.kv_heads as usize,
+                    head_dim: h.head_dim as usize,
+                    block_size: plan.gather.block_size as usize,
+                    scale: h.scale,
+                },
+            )?;
+            prof.host(Stage::Attention);
+            return Ok(Some(Array::from_slice(&out, &[rows, h.heads * h.head_dim])));
+        }
         let out = match (fused, &plan.selector) {
             (Some(fused), Some((place, pick))) => {
                 let kv = h.kv_heads;
@@ -336,7 +374,7 @@ impl AttentionPlan {
                         // The scores are evaluated, then normalised on the
                         // host: both are attention's time.
                         prof.mark(Stage::Attention, &[&scores])?;
-                        let p = causal_softmax::softmax_in_place(scores, *rows)?;
+                        let p = host_ops::softmax_in_place(scores, *rows)?;
                         prof.host(Stage::Attention);
                         p
                     }
@@ -361,6 +399,12 @@ impl AttentionPlan {
         };
         o.transpose_axes(&[2, 0, 1, 3])?.reshape(&[n, h.heads * hd])
     }
+}
+
+/// An evaluated f32 array's data, for attention on the host.
+fn host_view(a: &Array) -> MlxResult<&[f32]> {
+    a.try_as_slice::<f32>()
+        .map_err(|e| Exception::custom(format!("decode attention input: {e}")))
 }
 
 /// The additive causal mask of a chunk over `span` keys (its context and

@@ -20,6 +20,7 @@ use super::{
     attention::{AttentionPlan, Heads},
     config::ModelConfig,
     fused::{Fused, WarmUpShape},
+    host_ops,
     linear::{split_last, Embedding, Linear},
     rope::Rope,
     weights::{ModelDType, WeightStore},
@@ -344,7 +345,7 @@ impl LlamaModel {
         let mut h = self.embed.lookup(&ids)?;
         prof.mark(Stage::Embed, &[&h])?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let x = self.rms_norm(&h, &block.input_norm)?;
+            let x = self.rms_norm(&h, &block.input_norm, prof)?;
             prof.mark(Stage::Norm, &[&x])?;
             let qkv = block.qkv.forward(&x)?;
             prof.mark(Stage::Projection, &[&qkv])?;
@@ -387,17 +388,26 @@ impl LlamaModel {
             h = h.add(o)?;
             prof.mark(Stage::Elementwise, &[&h])?;
 
-            let x = self.rms_norm(&h, &block.post_attention_norm)?;
+            let x = self.rms_norm(&h, &block.post_attention_norm, prof)?;
             prof.mark(Stage::Norm, &[&x])?;
             let gu = block.gate_up.forward(&x)?;
             prof.mark(Stage::Projection, &[&gu])?;
             let inter = c.intermediate_size as i32;
-            let gu = split_last(&gu, &[inter, inter]);
-            let act = match fused {
-                Some(f) => f.silu_mul(&gu[0], &gu[1])?,
-                None => mlx_rs::nn::silu(&gu[0])?.multiply(&gu[1])?,
+            let act = if fused.is_some() && gu.dtype() == Dtype::Float32 {
+                // On the host, in the projection's own buffer: MLX's CPU
+                // exp is scalar (see `host_ops`).
+                let act = host_ops::silu_mul_in_place(gu, inter as usize)?;
+                prof.host(Stage::Elementwise);
+                act
+            } else {
+                let gu = split_last(&gu, &[inter, inter]);
+                let act = match fused {
+                    Some(f) => f.silu_mul(&gu[0], &gu[1])?,
+                    None => mlx_rs::nn::silu(&gu[0])?.multiply(&gu[1])?,
+                };
+                prof.mark(Stage::Elementwise, &[&act])?;
+                act
             };
-            prof.mark(Stage::Elementwise, &[&act])?;
             let down = block.down.forward(&act)?;
             prof.mark(Stage::Projection, &[&down])?;
             h = h.add(down)?;
@@ -408,7 +418,7 @@ impl LlamaModel {
         }
         let at: Vec<i32> = batch.sample_at.iter().map(|&i| i as i32).collect();
         let last = h.take_axis(Array::from_slice(&at, &[at.len() as i32]), 0)?;
-        let x = self.rms_norm(&last, &self.norm)?;
+        let x = self.rms_norm(&last, &self.norm, prof)?;
         prof.mark(Stage::Norm, &[&x])?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
@@ -423,9 +433,16 @@ impl LlamaModel {
         Ok(Some(logits))
     }
 
-    fn rms_norm(&self, x: &Array, w: &Array) -> MlxResult<Array> {
+    fn rms_norm(&self, x: &Array, w: &Array, prof: &mut Profiler) -> MlxResult<Array> {
         match &self.fused {
-            Some(f) => f.rms_norm(x, w),
+            Some(f) => match host_ops::rms_norm(x, w, self.config.rms_norm_eps)? {
+                Some(out) => {
+                    // Evaluated on the host already: the norm's time.
+                    prof.host(Stage::Norm);
+                    Ok(out)
+                }
+                None => f.rms_norm(x, w),
+            },
             None => fast::rms_norm(x, Some(w), self.config.rms_norm_eps),
         }
     }

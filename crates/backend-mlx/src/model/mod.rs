@@ -1,9 +1,9 @@
 //! The model: configuration, weights and the Llama-family forward pass.
 
 pub(crate) mod attention;
-pub(crate) mod causal_softmax;
 pub mod config;
 pub(crate) mod fused;
+pub(crate) mod host_ops;
 pub(crate) mod linear;
 pub mod llama;
 pub(crate) mod rope;
