@@ -2,7 +2,8 @@
 //!
 //! Each server (mlx-batch, mlx-lm's batching server, llama.cpp's
 //! `llama-server` with `--parallel`; see [`peers`]) is started alone on a
-//! loopback port with the same model, waited on until `/v1/models` answers,
+//! loopback port with the same model, waited on until `/v1/models` answers
+//! (and, for mlx-batch, `/health/ready`: it serves HTTP while it loads),
 //! measured with the `loadgen` crate on the same seeded workloads, and
 //! killed before the next one starts, so no two servers ever share the
 //! cores. A server that cannot be installed or started is reported as not
@@ -76,6 +77,16 @@ impl Server {
             Self::MlxBatch => "mlx-batch",
             Self::MlxLm => "mlx-lm",
             Self::LlamaCpp => "llama-server",
+        }
+    }
+
+    /// Where the server says it accepts work, when `/v1/models` answering
+    /// is not enough: mlx-batch serves HTTP while it loads the weights and
+    /// answers 503 until then.
+    fn readiness_path(self) -> Option<&'static str> {
+        match self {
+            Self::MlxBatch => Some("/health/ready"),
+            Self::MlxLm | Self::LlamaCpp => None,
         }
     }
 
@@ -274,8 +285,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let base = format!("http://127.0.0.1:{}", args.port);
         let result = runtime.block_on(async {
-            let listed =
-                wait_ready(&base, &running, Duration::from_secs(args.ready_timeout_s)).await?;
+            let listed = wait_ready(
+                &base,
+                &running,
+                server,
+                Duration::from_secs(args.ready_timeout_s),
+            )
+            .await?;
             // mlx-lm lists every model in the Hugging Face cache, and a name
             // it does not know makes it load another model: send none, which
             // it maps to the one it was started with.
@@ -447,20 +463,33 @@ fn start(server: Server, mut cmd: Command, raw_dir: &Path, port: u16) -> anyhow:
     })
 }
 
-/// Polls `GET /v1/models` until it answers 200, the server exits, or time
-/// runs out; returns the first model id it lists, if any.
+/// Polls `GET /v1/models` (and the server's readiness path, if it has
+/// one) until it answers 200, the server exits, or time runs out; returns
+/// the first model id it lists, if any.
 async fn wait_ready(
     base: &str,
     running: &Running,
+    server: Server,
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
     let http = loadgen::http_client()?;
     let url = format!("{base}/v1/models");
     let start = Instant::now();
     let pid = running.child.id();
+    let accepts_work = || async {
+        let Some(path) = server.readiness_path() else {
+            return true;
+        };
+        let ready = http
+            .get(format!("{base}{path}"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        ready.is_ok_and(|r| r.status().is_success())
+    };
     loop {
         if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(5)).send().await {
-            if resp.status().is_success() {
+            if resp.status().is_success() && accepts_work().await {
                 eprintln!(
                     "xtask: bench: {} ready after {:.1} s",
                     running.name,

@@ -54,8 +54,8 @@ pub(super) fn compare(
         let running = start(Server::MlxBatch, cmd, paths.raw_dir, args.port)?;
         let base = format!("http://127.0.0.1:{}", args.port);
         let records = runtime.block_on(async {
-            let model =
-                wait_ready(&base, &running, Duration::from_secs(args.ready_timeout_s)).await?;
+            let timeout = Duration::from_secs(args.ready_timeout_s);
+            let model = wait_ready(&base, &running, Server::MlxBatch, timeout).await?;
             let target = Target {
                 base_url: base.clone(),
                 model,

@@ -134,10 +134,22 @@ impl BlockGather {
     }
 }
 
-/// Decode attention's reads: the blocks, an additive mask that hides what
-/// lies past each sequence's own length, and for the fused path the
-/// selector of each query head's KV head.
-struct DecodePlan {
+/// Decode attention's reads.
+enum DecodePlan {
+    /// f32 on the CPU: each row's blocks and length, read straight from
+    /// the pool on the host (see [`host_ops`]).
+    Host {
+        rows: Vec<DecodeRow>,
+        block_size: usize,
+    },
+    /// Otherwise: gathered blocks.
+    Gathered(GatheredDecode),
+}
+
+/// Decode attention over gathered blocks: the blocks, an additive mask that
+/// hides what lies past each sequence's own length, and for the fused path
+/// the selector of each query head's KV head.
+struct GatheredDecode {
     gather: BlockGather,
     /// `[rows, 1, span]` (fused) or `[rows, 1, 1, span]` (fast).
     mask: Array,
@@ -145,9 +157,6 @@ struct DecodePlan {
     /// KV head's slot, the softmax scale (to place the queries) and 1 (to
     /// pick the output); fused path only.
     selector: Option<(Array, Array)>,
-    /// Fused path in f32: each row's blocks and length, for attention read
-    /// straight from the pool on the host (see [`host_ops`]).
-    host: Option<Vec<DecodeRow>>,
 }
 
 /// What attention reads in one step, built once and shared by every layer.
@@ -178,6 +187,18 @@ impl AttentionPlan {
         };
         let decode = if batch.decodes.is_empty() {
             None
+        } else if fused && dtype == Dtype::Float32 {
+            Some(DecodePlan::Host {
+                rows: batch
+                    .decodes
+                    .iter()
+                    .map(|d| DecodeRow {
+                        table: d.table.to_vec(),
+                        len: d.position + 1,
+                    })
+                    .collect(),
+                block_size: bs,
+            })
         } else {
             let rows: Vec<(&[u32], usize)> = batch
                 .decodes
@@ -211,22 +232,11 @@ impl AttentionPlan {
             } else {
                 None
             };
-            let host = (fused && dtype == Dtype::Float32).then(|| {
-                batch
-                    .decodes
-                    .iter()
-                    .map(|d| DecodeRow {
-                        table: d.table.to_vec(),
-                        len: d.position + 1,
-                    })
-                    .collect()
-            });
-            Some(DecodePlan {
+            Some(DecodePlan::Gathered(GatheredDecode {
                 gather,
                 mask,
                 selector,
-                host,
-            })
+            }))
         };
         let mut chunks = Vec::with_capacity(batch.chunks.len());
         for chunk in &batch.chunks {
@@ -275,28 +285,16 @@ impl AttentionPlan {
             return Ok(None);
         };
         let h = self.heads;
+        let plan = match plan {
+            DecodePlan::Host { rows, block_size } => {
+                return self
+                    .decode_on_host(q, keys, values, rows, *block_size, prof)
+                    .map(Some)
+            }
+            DecodePlan::Gathered(plan) => plan,
+        };
         let rows = plan.gather.rows;
         let q = q.index(0..rows);
-        if let Some(host_rows) = &plan.host {
-            // A contiguous copy of the queries (a few KB).
-            let q = q.reshape(&[rows, h.heads * h.head_dim])?.contiguous()?;
-            prof.mark(Stage::KvGather, &[&q, keys, values])?;
-            let out = host_ops::decode_attention(
-                host_view(&q)?,
-                host_view(keys)?,
-                host_view(values)?,
-                host_rows,
-                PoolAttention {
-                    heads: h.heads as usize,
-                    kv_heads: h.kv_heads as usize,
-                    head_dim: h.head_dim as usize,
-                    block_size: plan.gather.block_size as usize,
-                    scale: h.scale,
-                },
-            )?;
-            prof.host(Stage::Attention);
-            return Ok(Some(Array::from_slice(&out, &[rows, h.heads * h.head_dim])));
-        }
         let out = match (fused, &plan.selector) {
             (Some(fused), Some((place, pick))) => {
                 let kv = h.kv_heads;
@@ -333,6 +331,41 @@ impl AttentionPlan {
             }
         };
         Ok(Some(out.reshape(&[rows, h.heads * h.head_dim])?))
+    }
+
+    /// Decode attention on the host, from the pool (see [`host_ops`]).
+    fn decode_on_host(
+        &self,
+        q: &Array,
+        keys: &Array,
+        values: &Array,
+        rows: &[DecodeRow],
+        block_size: usize,
+        prof: &mut Profiler,
+    ) -> MlxResult<Array> {
+        let h = self.heads;
+        let n = rows.len() as i32;
+        // A contiguous copy of the rows' queries (a few KB).
+        let q = q
+            .index(0..n)
+            .reshape(&[n, h.heads * h.head_dim])?
+            .contiguous()?;
+        prof.mark(Stage::KvGather, &[&q, keys, values])?;
+        let out = host_ops::decode_attention(
+            host_view(&q)?,
+            host_view(keys)?,
+            host_view(values)?,
+            rows,
+            PoolAttention {
+                heads: h.heads as usize,
+                kv_heads: h.kv_heads as usize,
+                head_dim: h.head_dim as usize,
+                block_size,
+                scale: h.scale,
+            },
+        )?;
+        prof.host(Stage::Attention);
+        Ok(Array::from_slice(&out, &[n, h.heads * h.head_dim]))
     }
 
     /// Attention of prefill chunk `i`, whose queries are `q`
