@@ -170,51 +170,46 @@ pub(crate) fn decode_attention(
     let mut out = vec![0f32; q.len()];
     let row_out = heads * hd;
     let avx2 = has_avx2();
+    let pool = PoolLayer {
+        keys,
+        values,
+        shape,
+    };
     for ((q_row, o), row) in q
         .chunks_exact(row_out)
         .zip(out.chunks_exact_mut(row_out))
         .zip(rows)
     {
-        attend_row(q_row, keys, values, row, shape, o, avx2);
+        attend_row(q_row, &pool, row, o, avx2);
     }
     Ok(out)
 }
 
-/// One row of [`decode_attention`]; `avx2` from [`has_avx2`].
-fn attend_row(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    row: &DecodeRow,
+/// One layer of the pool as decode attention reads it.
+struct PoolLayer<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
     shape: PoolAttention,
-    out: &mut [f32],
-    avx2: bool,
-) {
+}
+
+/// One row of [`decode_attention`]; `avx2` from [`has_avx2`].
+fn attend_row(q: &[f32], pool: &PoolLayer<'_>, row: &DecodeRow, out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: `avx2` says the CPU has AVX2 and FMA, all this needs.
-        unsafe { attend_row_avx2(q, keys, values, row, shape, out) };
+        unsafe { attend_row_avx2(q, pool, row, out) };
         return;
     }
     let _ = avx2;
-    attend_row_portable(q, keys, values, row, shape, out, dot);
+    attend_row_portable(q, pool, row, out, dot);
 }
 
-/// [`attend_row_portable`] compiled for AVX2.
+/// [`attend_row_portable`] compiled for AVX2, with [`dot_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_row_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    row: &DecodeRow,
-    shape: PoolAttention,
-    out: &mut [f32],
-) {
+unsafe fn attend_row_avx2(q: &[f32], pool: &PoolLayer<'_>, row: &DecodeRow, out: &mut [f32]) {
     // SAFETY: this function has the features `dot_avx2` needs.
-    attend_row_portable(q, keys, values, row, shape, out, |a, b| unsafe {
-        dot_avx2(a, b)
-    });
+    attend_row_portable(q, pool, row, out, |a, b| unsafe { dot_avx2(a, b) });
 }
 
 /// The scores of every query head against each of the row's keys, their
@@ -225,13 +220,16 @@ unsafe fn attend_row_avx2(
 #[inline(always)]
 fn attend_row_portable(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    pool: &PoolLayer<'_>,
     row: &DecodeRow,
-    shape: PoolAttention,
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
+    let PoolLayer {
+        keys,
+        values,
+        shape,
+    } = *pool;
     let (hd, bs, len) = (shape.head_dim, shape.block_size, row.len);
     let rep = shape.heads / shape.kv_heads;
     let width = shape.kv_heads * hd;
@@ -679,7 +677,12 @@ mod tests {
             .zip(portable.chunks_exact_mut(row_out))
             .zip(&rows)
         {
-            attend_row(q_row, &keys, &values, row, shape, o, false);
+            let pool = PoolLayer {
+                keys: &keys,
+                values: &values,
+                shape,
+            };
+            attend_row(q_row, &pool, row, o, false);
         }
         for (a, b) in got.iter().zip(&portable) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
