@@ -1,9 +1,12 @@
 //! Matmul throughput on the MLX device, in GFLOP/s.
 //!
 //! Decode-shaped products (batch 1, 8 and 32 times the default model's
-//! 576x1536 MLP weight) in f32 and 4-bit quantized form, and a square
-//! 2048x2048 f32 product that shows the raw BLAS speed. On Linux, build
-//! with `MLX_BATCH_NO_OPENBLAS=1` to measure the wheel's bundled BLAS.
+//! 576x1536 MLP weight) in f32 and 4-bit quantized form, a square
+//! 2048x2048 f32 product that shows the raw BLAS speed, and the two
+//! batched products of a 512-token prefill chunk's attention. On Linux,
+//! build with `MLX_BATCH_NO_OPENBLAS=1` to measure the wheel's bundled BLAS.
+//! This bench leaves MLX's buffer cache at its default, so outputs larger
+//! than it (the 2k-context scores) pay for fresh pages on every call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
