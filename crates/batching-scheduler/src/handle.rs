@@ -5,7 +5,7 @@ use std::{
     sync::{atomic::Ordering, mpsc, Arc, Mutex, PoisonError},
     task::{Context, Poll},
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use batching_types::{
@@ -96,7 +96,52 @@ struct Inner {
     clock: Arc<dyn Clock>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopped: tokio::sync::watch::Receiver<bool>,
+    /// How long dropping the last handle waits for the engine thread: the
+    /// shutdown grace and a margin.
+    join_wait: Duration,
 }
+
+impl Drop for Inner {
+    /// The last handle is gone, so nothing can submit: closing the channel
+    /// begins the engine's shutdown, and this waits for its thread (within
+    /// `join_wait`), so that no backend work still runs while the process
+    /// exits. A process that returns from `main` tears down its libraries'
+    /// static state (MLX's allocator among them) under a thread still using
+    /// it, which corrupts the heap.
+    fn drop(&mut self) {
+        drop(
+            self.tx
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let Some(thread) = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        if thread.thread().id() == std::thread::current().id() {
+            return;
+        }
+        let deadline = Instant::now() + self.join_wait;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(JOIN_POLL);
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often a dropped handle looks whether the engine thread has ended.
+const JOIN_POLL: Duration = Duration::from_millis(2);
+
+/// Beyond the shutdown grace, how long a dropped handle waits for the
+/// engine thread to end (its last step and the backend's teardown).
+const JOIN_MARGIN: Duration = Duration::from_secs(5);
 
 /// The clients' way into the engine: cheap to clone, safe to share between
 /// tasks and threads.
@@ -131,6 +176,7 @@ impl SchedulerHandle {
         C: Clock + Clone,
     {
         config.validate()?;
+        let grace = config.shutdown_grace;
         let (tx, rx) = mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
@@ -182,6 +228,7 @@ impl SchedulerHandle {
                 clock: Arc::new(clock),
                 thread: Mutex::new(Some(thread)),
                 stopped: stopped_rx,
+                join_wait: grace + JOIN_MARGIN,
             }),
         })
     }

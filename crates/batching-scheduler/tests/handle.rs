@@ -219,10 +219,18 @@ fn a_failing_or_panicking_factory_is_reported_by_spawn() {
     ));
 }
 
-/// A backend that panics in `step` once told to, like a crashing model.
+/// A backend that panics in `step` once told to, like a crashing model,
+/// and says when it has been dropped.
 struct Exploding {
     inner: SimBackend,
     armed: Arc<AtomicBool>,
+    dropped: Arc<AtomicBool>,
+}
+
+impl Drop for Exploding {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Backend for Exploding {
@@ -264,6 +272,7 @@ async fn a_panicking_engine_thread_still_finishes_every_stream() {
         Ok(Exploding {
             inner: SimBackend::new(sim(2))?,
             armed: trigger,
+            dropped: Arc::default(),
         })
     })
     .unwrap();
@@ -289,4 +298,30 @@ async fn a_panicking_engine_thread_still_finishes_every_stream() {
         handle.submit(request(4, 10, Priority::Normal)).unwrap_err(),
         SchedulerError::EngineStopped
     );
+}
+
+/// Dropping the last handle while a step runs returns only once the engine
+/// thread has ended and dropped its backend: a process that exits from
+/// `main` must not tear down MLX under a running step.
+#[test]
+fn dropping_the_last_handle_waits_for_the_engine_thread() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let handle = SchedulerHandle::spawn(SchedulerConfig::default(), SystemClock, move || {
+        Ok(Exploding {
+            inner: SimBackend::new(sim(20))?,
+            armed: Arc::default(),
+            dropped: flag,
+        })
+    })
+    .unwrap();
+    let stream = handle.submit(request(4, 50, Priority::Normal)).unwrap();
+    // Let the engine start stepping (20 ms a step) before the handle goes.
+    std::thread::sleep(Duration::from_millis(30));
+    drop(handle);
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the backend still existed after the last handle was dropped"
+    );
+    drop(stream);
 }
