@@ -231,22 +231,29 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
         message: String,
         trace: &mut StepTrace,
     ) {
-        if self.active[i].gone {
-            return;
-        }
-        self.register_written(i);
-        let Some(mut req) = self.take_active(i) else {
-            return;
-        };
-        self.backend.release(req.request_id);
-        self.fail_request(&mut req, kind, message, Some(trace));
+        self.end_active(i, FinishReason::Error, Some(message), Some(kind), trace);
     }
 
+    /// Ends active request `i` (its written blocks offered to the prefix
+    /// cache first, its backend sequence released), as
+    /// [`Scheduler::finish_request`] does.
     pub(super) fn finish_active(
         &mut self,
         i: usize,
         reason: FinishReason,
         message: Option<String>,
+        trace: &mut StepTrace,
+    ) {
+        let failure = (reason == FinishReason::Error).then_some(FailureKind::Internal);
+        self.end_active(i, reason, message, failure, trace);
+    }
+
+    fn end_active(
+        &mut self,
+        i: usize,
+        reason: FinishReason,
+        message: Option<String>,
+        failure: Option<FailureKind>,
         trace: &mut StepTrace,
     ) {
         if self.active[i].gone {
@@ -257,7 +264,7 @@ impl<B: Backend, C: Clock + Clone> Scheduler<B, C> {
             return;
         };
         self.backend.release(req.request_id);
-        self.finish_request(&mut req, reason, message, Some(trace));
+        self.end_request(&mut req, reason, message, failure, Some(trace));
     }
 
     /// Offers the full blocks that active request `i` has written to the
