@@ -136,12 +136,9 @@ impl BlockGather {
 
 /// Decode attention's reads.
 enum DecodePlan {
-    /// f32 on the CPU: each row's blocks and length, read straight from
-    /// the pool on the host (see [`host_ops`]).
-    Host {
-        rows: Vec<DecodeRow>,
-        block_size: usize,
-    },
+    /// f32 on the CPU: each row's pool slots, read straight from the pool
+    /// on the host (see [`host_ops`]).
+    Host(Vec<DecodeRow>),
     /// Otherwise: gathered blocks.
     Gathered(GatheredDecode),
 }
@@ -188,17 +185,12 @@ impl AttentionPlan {
         let decode = if batch.decodes.is_empty() {
             None
         } else if fused && dtype == Dtype::Float32 {
-            Some(DecodePlan::Host {
-                rows: batch
-                    .decodes
-                    .iter()
-                    .map(|d| DecodeRow {
-                        table: d.table.to_vec(),
-                        len: d.position + 1,
-                    })
-                    .collect(),
-                block_size: bs,
-            })
+            let rows = batch
+                .decodes
+                .iter()
+                .map(|d| DecodeRow::new(d.table, d.position + 1, bs))
+                .collect::<MlxResult<_>>()?;
+            Some(DecodePlan::Host(rows))
         } else {
             let rows: Vec<(&[u32], usize)> = batch
                 .decodes
@@ -286,10 +278,8 @@ impl AttentionPlan {
         };
         let h = self.heads;
         let plan = match plan {
-            DecodePlan::Host { rows, block_size } => {
-                return self
-                    .decode_on_host(q, keys, values, rows, *block_size, prof)
-                    .map(Some)
+            DecodePlan::Host(rows) => {
+                return self.decode_on_host(q, keys, values, rows, prof).map(Some)
             }
             DecodePlan::Gathered(plan) => plan,
         };
@@ -340,7 +330,6 @@ impl AttentionPlan {
         keys: &Array,
         values: &Array,
         rows: &[DecodeRow],
-        block_size: usize,
         prof: &mut Profiler,
     ) -> MlxResult<Array> {
         let h = self.heads;
@@ -360,7 +349,6 @@ impl AttentionPlan {
                 heads: h.heads as usize,
                 kv_heads: h.kv_heads as usize,
                 head_dim: h.head_dim as usize,
-                block_size,
                 scale: h.scale,
             },
         )?;

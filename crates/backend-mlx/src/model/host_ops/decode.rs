@@ -14,20 +14,37 @@ pub(crate) struct PoolAttention {
     pub(crate) kv_heads: usize,
     /// Values per head.
     pub(crate) head_dim: usize,
-    /// Tokens per pool block.
-    pub(crate) block_size: usize,
     /// The scores' scale.
     pub(crate) scale: f32,
 }
 
-/// One decoding sequence: its block table and the tokens it attends to
-/// (its context and this step's token, already written to the pool).
+/// One decoding sequence: the pool slot of each token it attends to (its
+/// context and this step's token, already written to the pool), looked up
+/// once per step for every layer.
 #[derive(Debug, Clone)]
 pub(crate) struct DecodeRow {
-    /// Block ids, covering `len` tokens.
-    pub(crate) table: Vec<u32>,
-    /// Tokens attended.
-    pub(crate) len: usize,
+    /// Slot `block * block_size + offset` of each token, in order.
+    slots: Vec<usize>,
+    /// The largest of `slots`.
+    max_slot: usize,
+}
+
+impl DecodeRow {
+    /// The slots of the first `len` tokens of a sequence whose block table
+    /// is `table`, in blocks of `block_size` tokens.
+    pub(crate) fn new(table: &[u32], len: usize, block_size: usize) -> Result<Self, Exception> {
+        if len == 0 || block_size == 0 {
+            return Err(Exception::custom("a decode row attends to no token"));
+        }
+        if table.len() < len.div_ceil(block_size) {
+            return Err(Exception::custom("a block table shorter than its sequence"));
+        }
+        let slots: Vec<usize> = (0..len)
+            .map(|p| table[p / block_size] as usize * block_size + p % block_size)
+            .collect();
+        let max_slot = slots.iter().copied().max().unwrap_or(0);
+        Ok(Self { slots, max_slot })
+    }
 }
 
 /// Decode attention read straight from one layer of the block pool:
@@ -47,11 +64,10 @@ pub(crate) fn decode_attention(
         heads,
         kv_heads,
         head_dim: hd,
-        block_size: bs,
         ..
     } = shape;
     let width = kv_heads * hd;
-    if kv_heads == 0 || heads % kv_heads != 0 || hd == 0 || bs == 0 {
+    if kv_heads == 0 || heads % kv_heads != 0 || hd == 0 {
         return Err(Exception::custom("a decode attention shape with no heads"));
     }
     if q.len() != rows.len() * heads * hd || keys.len() != values.len() {
@@ -60,18 +76,8 @@ pub(crate) fn decode_attention(
         ));
     }
     let slots = keys.len() / width;
-    for row in rows {
-        if row.len == 0 {
-            return Err(Exception::custom("a decode row attends to no token"));
-        }
-        let blocks = row.len.div_ceil(bs);
-        let covered = row
-            .table
-            .get(..blocks)
-            .ok_or_else(|| Exception::custom("a block table shorter than its sequence"))?;
-        if covered.iter().any(|&b| (b as usize + 1) * bs > slots) {
-            return Err(Exception::custom("a block id past the KV pool"));
-        }
+    if rows.iter().any(|row| row.max_slot >= slots) {
+        return Err(Exception::custom("a block id past the KV pool"));
     }
     // One thread: a layer's decode attention is short (about 0.4 ms at 32
     // rows of 90 tokens), and starting threads for it each layer cost more
@@ -84,12 +90,14 @@ pub(crate) fn decode_attention(
         values,
         shape,
     };
+    // One scratch row of scores, reused by every row.
+    let mut scores = Vec::new();
     for ((q_row, o), row) in q
         .chunks_exact(row_out)
         .zip(out.chunks_exact_mut(row_out))
         .zip(rows)
     {
-        attend_row(q_row, &pool, row, o, avx2);
+        attend_row(q_row, &pool, row, o, &mut scores, avx2);
     }
     Ok(out)
 }
@@ -101,37 +109,52 @@ struct PoolLayer<'a> {
     shape: PoolAttention,
 }
 
-/// One row of [`decode_attention`]; `avx2` from [`has_avx2`].
-fn attend_row(q: &[f32], pool: &PoolLayer<'_>, row: &DecodeRow, out: &mut [f32], avx2: bool) {
+/// One row of [`decode_attention`] into `out`, with `scores` as scratch;
+/// `avx2` from [`has_avx2`].
+fn attend_row(
+    q: &[f32],
+    pool: &PoolLayer<'_>,
+    row: &DecodeRow,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+    avx2: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: `avx2` says the CPU has AVX2 and FMA, all this needs.
-        unsafe { attend_row_avx2(q, pool, row, out) };
+        unsafe { attend_row_avx2(q, pool, row, out, scores) };
         return;
     }
     let _ = avx2;
-    attend_row_portable(q, pool, row, out, dot);
+    attend_row_portable(q, pool, row, out, scores, dot);
 }
 
 /// [`attend_row_portable`] compiled for AVX2, with [`dot_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_row_avx2(q: &[f32], pool: &PoolLayer<'_>, row: &DecodeRow, out: &mut [f32]) {
+unsafe fn attend_row_avx2(
+    q: &[f32],
+    pool: &PoolLayer<'_>,
+    row: &DecodeRow,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     // SAFETY: this function has the features `dot_avx2` needs.
-    attend_row_portable(q, pool, row, out, |a, b| unsafe { dot_avx2(a, b) });
+    attend_row_portable(q, pool, row, out, scores, |a, b| unsafe { dot_avx2(a, b) });
 }
 
 /// The scores of every query head against each of the row's keys, their
 /// softmax, then the weighted sum of the values. Each token's keys (and
 /// then values) for all KV heads are read once, in pool order, so that
 /// the reads stream through memory: a layer's pool is cold in the caches
-/// after the matmuls around it. Block ids were checked by the caller.
+/// after the matmuls around it. Slots were checked by the caller.
 #[inline(always)]
 fn attend_row_portable(
     q: &[f32],
     pool: &PoolLayer<'_>,
     row: &DecodeRow,
     out: &mut [f32],
+    scores: &mut Vec<f32>,
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let PoolLayer {
@@ -139,15 +162,13 @@ fn attend_row_portable(
         values,
         shape,
     } = *pool;
-    let (hd, bs, len) = (shape.head_dim, shape.block_size, row.len);
+    let (hd, len) = (shape.head_dim, row.slots.len());
     let rep = shape.heads / shape.kv_heads;
     let width = shape.kv_heads * hd;
-    // Where each token's keys start in the pool, looked up once per row.
-    let starts: Vec<usize> = (0..len)
-        .map(|p| (row.table[p / bs] as usize * bs + p % bs) * width)
-        .collect();
-    let mut scores = vec![0f32; shape.heads * len];
-    for (p, &start) in starts.iter().enumerate() {
+    scores.clear();
+    scores.resize(shape.heads * len, 0.0);
+    for (p, &slot) in row.slots.iter().enumerate() {
+        let start = slot * width;
         let k = &keys[start..start + width];
         for (h, q_head) in q.chunks_exact(hd).enumerate() {
             let g = h / rep;
@@ -158,7 +179,8 @@ fn attend_row_portable(
         softmax_row_portable(head_scores);
     }
     out.fill(0.0);
-    for (p, &start) in starts.iter().enumerate() {
+    for (p, &slot) in row.slots.iter().enumerate() {
+        let start = slot * width;
         let v = &values[start..start + width];
         for (h, o_head) in out.chunks_exact_mut(hd).enumerate() {
             let g = h / rep;
@@ -252,7 +274,6 @@ mod tests {
             heads: 6,
             kv_heads: 2,
             head_dim: 11,
-            block_size: 4,
             scale: 0.3,
         };
         let (heads, kv, hd, bs) = (6, 2, 11, 4);
@@ -261,20 +282,11 @@ mod tests {
         let val = |i: usize, m: usize| ((i * m % 37) as f32 - 18.0) / 9.0;
         let keys: Vec<f32> = (0..slots * width).map(|i| val(i, 7)).collect();
         let values: Vec<f32> = (0..slots * width).map(|i| val(i, 11)).collect();
-        let rows = vec![
-            DecodeRow {
-                table: vec![5, 2, 9],
-                len: 10,
-            },
-            DecodeRow {
-                table: vec![0],
-                len: 1,
-            },
-            DecodeRow {
-                table: vec![11, 3, 7, 1],
-                len: 16,
-            },
-        ];
+        let tables: [(&[u32], usize); 3] = [(&[5, 2, 9], 10), (&[0], 1), (&[11, 3, 7, 1], 16)];
+        let rows: Vec<DecodeRow> = tables
+            .iter()
+            .map(|&(table, len)| DecodeRow::new(table, len, bs).unwrap())
+            .collect();
         let q: Vec<f32> = (0..rows.len() * heads * hd).map(|i| val(i, 5)).collect();
         let got = decode_attention(&q, &keys, &values, &rows, shape).unwrap();
         // The portable build gives the same, where the AVX2 one ran above.
@@ -290,17 +302,17 @@ mod tests {
                 values: &values,
                 shape,
             };
-            attend_row(q_row, &pool, row, o, false);
+            attend_row(q_row, &pool, row, o, &mut Vec::new(), false);
         }
         for (a, b) in got.iter().zip(&portable) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
-        for (r, row) in rows.iter().enumerate() {
+        for (r, &(table, len)) in tables.iter().enumerate() {
             for h in 0..heads {
                 let g = h / (heads / kv);
                 let qh = &q[(r * heads + h) * hd..][..hd];
-                let at = |p: usize| (row.table[p / bs] as usize * bs + p % bs) * width + g * hd;
-                let scores: Vec<f32> = (0..row.len)
+                let at = |p: usize| (table[p / bs] as usize * bs + p % bs) * width + g * hd;
+                let scores: Vec<f32> = (0..len)
                     .map(|p| {
                         let k = &keys[at(p)..][..hd];
                         qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * 0.3
@@ -308,7 +320,7 @@ mod tests {
                     .collect();
                 let weights = reference_softmax(&scores);
                 for d in 0..hd {
-                    let want: f32 = (0..row.len).map(|p| weights[p] * values[at(p) + d]).sum();
+                    let want: f32 = (0..len).map(|p| weights[p] * values[at(p) + d]).sum();
                     let got = got[(r * heads + h) * hd + d];
                     assert!(
                         (got - want).abs() < 1e-5,
@@ -317,21 +329,11 @@ mod tests {
                 }
             }
         }
-        // A table that does not cover its row is an error, not a panic.
-        let short = [DecodeRow {
-            table: vec![0],
-            len: 5,
-        }];
-        assert!(decode_attention(&q[..heads * hd], &keys, &values, &short, shape).is_err());
-        let past = [DecodeRow {
-            table: vec![12],
-            len: 1,
-        }];
+        // A table that does not cover its row, a block past the pool and a
+        // row with no token are errors, not panics.
+        assert!(DecodeRow::new(&[0], 5, bs).is_err());
+        let past = [DecodeRow::new(&[12], 1, bs).unwrap()];
         assert!(decode_attention(&q[..heads * hd], &keys, &values, &past, shape).is_err());
-        let empty = [DecodeRow {
-            table: vec![0],
-            len: 0,
-        }];
-        assert!(decode_attention(&q[..heads * hd], &keys, &values, &empty, shape).is_err());
+        assert!(DecodeRow::new(&[0], 0, bs).is_err());
     }
 }
