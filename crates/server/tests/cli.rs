@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod default_model;
+
+use default_model::model_or_skip;
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -46,18 +49,9 @@ fn bad_arguments_are_refused_by_clap_with_usage() {
 
 #[test]
 fn generate_prints_a_greedy_continuation_with_the_default_model() {
-    let model = server::cli::default_model_dir();
-    if !model.join("config.json").is_file() {
-        eprintln!(
-            "skipping: no default model at {} (run `cargo xtask setup`)",
-            model.display()
-        );
-        assert!(
-            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-        );
+    let Some(model) = model_or_skip() else {
         return;
-    }
+    };
     let run = || {
         let out = mlx_batch()
             .args([
@@ -86,18 +80,7 @@ fn generate_prints_a_greedy_continuation_with_the_default_model() {
 /// The log lines `serve` writes to stderr (a pipe here, not a terminal) up
 /// to and including the one saying it serves, in the given format.
 fn serve_log_until_ready(log_format: &str) -> Option<Vec<String>> {
-    let model = server::cli::default_model_dir();
-    if !model.join("config.json").is_file() {
-        eprintln!(
-            "skipping: no default model at {} (run `cargo xtask setup`)",
-            model.display()
-        );
-        assert!(
-            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-        );
-        return None;
-    }
+    let model = model_or_skip()?;
     let mut child = mlx_batch()
         .args([
             "serve",

@@ -8,6 +8,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod default_model;
+
+use default_model::{model_or_skip, skip};
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -50,26 +53,11 @@ fn openai_package() -> Result<PathBuf, String> {
 /// Starts a server on the default model; `None` (after printing why) when
 /// the test must be skipped.
 async fn start_server(max_batch_size: usize) -> Option<(String, String, PathBuf)> {
-    let model_dir = default_model_dir();
-    if !model_dir.join("config.json").is_file() {
-        eprintln!(
-            "skipping: no default model at {} (run `cargo xtask setup`)",
-            model_dir.display()
-        );
-        assert!(
-            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-        );
-        return None;
-    }
+    let model_dir = model_or_skip()?;
     let python_path = match openai_package() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("skipping: {why}");
-            assert!(
-                std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-                "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-            );
+            skip(&why);
             return None;
         }
     };

@@ -7,11 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod default_model;
+
 use batching_scheduler::SchedulerConfig;
 use batching_types::{FinishReason, NewRequest, OutputEvent};
+use default_model::model_or_skip;
 use futures::StreamExt;
 use server::{
-    cli::{default_model_dir, DeviceArg, ModelArgs},
+    cli::{DeviceArg, ModelArgs},
     commands::{load, KvSize, MemoryPlan, DEFAULT_CACHE_LIMIT},
     service::GenerationService,
 };
@@ -54,15 +57,9 @@ async fn run(engine: &dyn GenerationService, prompt: Vec<u32>, max_tokens: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_budget_bounds_memory_whatever_the_mix_of_lengths() {
-    let model_dir = default_model_dir();
-    if !model_dir.join("config.json").is_file() {
-        eprintln!("skipping: no default model (run `cargo xtask setup`)");
-        assert!(
-            std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-            "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-        );
+    let Some(model_dir) = model_or_skip() else {
         return;
-    }
+    };
     let args = ModelArgs {
         model: Some(model_dir),
         device: DeviceArg::Cpu,

@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod default_model;
 mod real;
 
 use std::time::{Duration, Instant};
 
-use real::{counter, model_or_skip, raise_own_file_limit, RealServer};
+use default_model::model_or_skip;
+use real::{counter, raise_own_file_limit, RealServer};
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -14,6 +14,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod default_model;
 mod real;
 
 use std::{
@@ -25,9 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use default_model::model_or_skip;
 use futures::StreamExt;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use real::{counter, model_or_skip, RealServer};
+use real::{counter, RealServer};
 use serde_json::{json, Value};
 
 const MODEL: &str = "SmolLM2-135M-Instruct";

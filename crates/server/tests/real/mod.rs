@@ -10,24 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The default model's folder, or `None` (after saying why) when it is
-/// missing and references are not required.
-pub fn model_or_skip() -> Option<std::path::PathBuf> {
-    let model = server::cli::default_model_dir();
-    if model.join("config.json").is_file() {
-        return Some(model);
-    }
-    eprintln!(
-        "skipping: no default model at {} (run `cargo xtask setup`)",
-        model.display()
-    );
-    assert!(
-        std::env::var_os("MLX_BATCH_REQUIRE_REFERENCES").is_none(),
-        "MLX_BATCH_REQUIRE_REFERENCES is set, so this may not be skipped"
-    );
-    None
-}
-
 /// A running server; killed when dropped.
 pub struct RealServer {
     pub child: Child,
