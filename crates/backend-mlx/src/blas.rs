@@ -131,60 +131,52 @@ pub unsafe extern "C" fn cblas_sgemm(
     c: *mut f32,
     ldc: c_int,
 ) {
-    let gemv = sgemv().filter(|_| routing_enabled());
-    if let Some(cblas_sgemv) = gemv.filter(|_| order == ROW_MAJOR && m == 1 && n > 0 && k > 0) {
-        ROUTED.fetch_add(1, Ordering::Relaxed);
-        // The one row of op(A): contiguous, or a column of a K x 1 matrix.
-        let incx = if trans_a == NO_TRANS { 1 } else { lda };
-        // SAFETY: the caller's matrices, as CBLAS describes them: op(B) is
-        // B^T for a row-major N x K matrix B, or B for a K x N one, and the
-        // output row is contiguous.
+    let single_row = order == ROW_MAJOR && m == 1 && n > 0 && k > 0;
+    let next = next_sgemm();
+    let by_rows = match next {
+        // A single row goes to sgemv, unless routing is off.
+        Some(_) => sgemv().filter(|_| single_row && routing_enabled()),
+        // No other sgemm in the process (never the case with libmlx, which
+        // needs one): one sgemv per output row is slower but right.
+        None => sgemv(),
+    };
+    if let Some(cblas_sgemv) = by_rows {
+        if single_row {
+            ROUTED.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's arguments.
         unsafe {
-            if trans_b == NO_TRANS {
-                cblas_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
-            } else {
-                cblas_sgemv(
-                    ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1,
-                );
-            }
+            rows_by_sgemv(
+                cblas_sgemv,
+                order,
+                [trans_a, trans_b],
+                [m, n, k],
+                alpha,
+                a,
+                lda,
+                b,
+                ldb,
+                beta,
+                c,
+                ldc,
+            );
         }
         return;
     }
     PASSED.fetch_add(1, Ordering::Relaxed);
-    match next_sgemm() {
+    if let Some(sgemm) = next {
         // SAFETY: the caller's arguments, passed on unchanged.
-        Some(sgemm) => unsafe {
+        unsafe {
             sgemm(
                 order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
             );
-        },
-        // No other sgemm in the process (never the case with libmlx, which
-        // needs one): one sgemv per output row is slower but right.
-        None => {
-            if let Some(cblas_sgemv) = sgemv() {
-                // SAFETY: the caller's arguments.
-                unsafe {
-                    rows_by_sgemv(
-                        cblas_sgemv,
-                        order,
-                        [trans_a, trans_b],
-                        [m, n, k],
-                        alpha,
-                        a,
-                        lda,
-                        b,
-                        ldb,
-                        beta,
-                        c,
-                        ldc,
-                    );
-                }
-            }
         }
     }
 }
 
-/// The product as one sgemv per row of the output (row-major only).
+/// The product as one sgemv per row of the output (row-major only): row
+/// `i` of op(A) is contiguous, or a column of a K x M matrix; op(B) is B^T
+/// for a row-major N x K matrix B, or B for a K x N one.
 ///
 /// # Safety
 ///
