@@ -236,6 +236,38 @@ fn print_profile(label: &str, plain: Duration, profile: &StepProfile) {
     );
 }
 
+/// A plain step with every product through OpenBLAS against one through
+/// this project's routes (`backend_mlx::blas`), alternating three times in
+/// one process so that both see the same machine (shared hosts drift by
+/// tens of percent within minutes).
+#[cfg(target_os = "linux")]
+fn compare_routes(batch: usize, mut step: impl FnMut() -> Duration) {
+    use backend_mlx::blas::{routes, set_routes, Routes};
+
+    let ours = routes();
+    let openblas = Routes {
+        few_rows: false,
+        sgemv: false,
+    };
+    let (mut theirs_total, mut ours_total) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..3 {
+        set_routes(openblas);
+        theirs_total += step();
+        set_routes(ours);
+        ours_total += step();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 / 3.0;
+    println!(
+        "ROUTES decode batch={batch}: plain step {:.2} ms with OpenBLAS only, {:.2} ms routed ({:.2}x)\n",
+        ms(theirs_total),
+        ms(ours_total),
+        ms(theirs_total) / ms(ours_total).max(1e-9)
+    );
+}
+
+#[cfg(not(target_os = "linux"))]
+fn compare_routes(_: usize, _: impl FnMut() -> Duration) {}
+
 /// `--profile`: where the time of a decode step (batch 1, 8, 32) and of a
 /// prefill chunk goes, on f32 weights (the CPU default).
 fn profile(dir: &PathBuf) {
@@ -250,6 +282,7 @@ fn profile(dir: &PathBuf) {
         decoder.backend.set_profiling(false);
         let profile = decoder.backend.take_profile();
         print_profile(&format!("decode batch={batch}"), plain, &profile);
+        compare_routes(batch, || decoder.decode(steps) / steps as u32);
     }
     let mut backend = load(dir, ModelDType::F32, 1);
     let mut next = 3_000_000;

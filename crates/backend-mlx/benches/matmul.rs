@@ -1,7 +1,8 @@
 //! Matmul throughput on the MLX device, in GFLOP/s.
 //!
-//! Decode-shaped products (batch 1, 8 and 32 times the default model's
-//! 576x1536 MLP weight) in f32 and 4-bit quantized form, a square
+//! Every product of a default-model decode step at batch 1, 8 and 32
+//! through OpenBLAS and through this project's routes, the MLP weight's
+//! product in f32 and 4-bit quantized form, a square
 //! 2048x2048 f32 product that shows the raw BLAS speed, and the two
 //! batched products of a 512-token prefill chunk's attention. On Linux,
 //! build with `MLX_BATCH_NO_OPENBLAS=1` to measure the wheel's bundled BLAS.
@@ -46,7 +47,67 @@ fn print_gflops(label: &str, flops: u64, mut f: impl FnMut()) {
     );
 }
 
-fn decode_shapes(c: &mut Criterion) {
+/// The f32 products of one decode step of the default model (hidden 576,
+/// MLP 1536, vocabulary 49152, q/k/v and gate/up each fused into one
+/// weight), `x W^T` with `W` stored `[out, in]`.
+const STEP_PRODUCTS: [(&str, i32, i32); 5] = [
+    ("qkv_960x576", 960, 576),
+    ("o_576x576", 576, 576),
+    ("gate_up_3072x576", 3072, 576),
+    ("down_576x1536", 576, 1536),
+    ("lm_head_49152x576", 49152, 576),
+];
+
+/// Each product of a decode step at batch 1, 8 and 32, through OpenBLAS
+/// alone and through this project's routes (the few-rows kernel and
+/// sgemv; see `backend_mlx::blas`), in one process so that both see the
+/// same machine.
+#[cfg(target_os = "linux")]
+fn decode_products(c: &mut Criterion) {
+    use backend_mlx::blas::{routed_and_passed, routes, set_routes, Routes};
+
+    let ours = routes();
+    let openblas = Routes {
+        few_rows: false,
+        sgemv: false,
+    };
+    let mut group = c.benchmark_group("decode_products");
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for (seed, (name, n, k)) in (1..).zip(STEP_PRODUCTS) {
+        let weight = matrix(n, k, seed);
+        let weight_t = weight.t();
+        for batch in [1, 8, 32] {
+            let x = matrix(batch, k, 2);
+            let flops = 2 * batch as u64 * k as u64 * n as u64;
+            group.throughput(Throughput::Elements(flops));
+            let step = || {
+                let y = ops::matmul(&x, &weight_t).unwrap();
+                eval([&y]).unwrap();
+            };
+            for (label, route) in [("openblas", openblas), ("routed", ours)] {
+                set_routes(route);
+                let (before, _) = routed_and_passed();
+                print_gflops(&format!("{name} batch {batch} {label}"), flops, step);
+                let (after, _) = routed_and_passed();
+                if route.few_rows || (route.sgemv && batch == 1) {
+                    assert!(after > before, "libmlx did not call our cblas_sgemm");
+                }
+                group.bench_function(BenchmarkId::new(format!("{name}/{label}"), batch), |b| {
+                    b.iter(step)
+                });
+            }
+            set_routes(ours);
+        }
+    }
+    group.finish();
+}
+
+#[cfg(not(target_os = "linux"))]
+fn decode_products(_: &mut Criterion) {}
+
+/// The MLP's product in f32 and 4-bit quantized (MLX's own kernels).
+fn quantized(c: &mut Criterion) {
     let (k, n) = (576, 1536);
     let weight = matrix(n, k, 1);
     let weight_t = weight.t();
@@ -133,5 +194,11 @@ fn prefill_attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_shapes, square, prefill_attention);
+criterion_group!(
+    benches,
+    decode_products,
+    quantized,
+    square,
+    prefill_attention
+);
 criterion_main!(benches);

@@ -22,6 +22,7 @@ pub mod kv_pool;
 pub mod model;
 pub mod profile;
 pub mod sampling;
+mod team;
 
 pub use backend::{LoadOptions, MlxBackend, DEFAULT_KV_MEMORY_BYTES};
 pub use device::Device;

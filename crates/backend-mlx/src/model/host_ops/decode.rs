@@ -1,7 +1,11 @@
 //! Decode attention on the host, over slices of one layer of the block
 //! pool.
 
+use std::{ops::Range, sync::Mutex};
+
 use mlx_rs::error::Exception;
+
+use crate::team;
 
 use super::kernels::{has_avx2, softmax_row_portable, LANES};
 
@@ -79,9 +83,6 @@ pub(crate) fn decode_attention(
     if rows.iter().any(|row| row.max_slot >= slots) {
         return Err(Exception::custom("a block id past the KV pool"));
     }
-    // One thread: a layer's decode attention is short (about 0.4 ms at 32
-    // rows of 90 tokens), and starting threads for it each layer cost more
-    // than they saved (12 ms a step on one thread, 16 ms on two).
     let mut out = vec![0f32; q.len()];
     let row_out = heads * hd;
     let avx2 = has_avx2();
@@ -90,16 +91,69 @@ pub(crate) fn decode_attention(
         values,
         shape,
     };
-    // One scratch row of scores, reused by every row.
-    let mut scores = Vec::new();
-    for ((q_row, o), row) in q
-        .chunks_exact(row_out)
-        .zip(out.chunks_exact_mut(row_out))
-        .zip(rows)
-    {
-        attend_row(q_row, &pool, row, o, &mut scores, avx2);
+    // Rows split into contiguous groups of about equal token counts, one
+    // per thread of the team (which spins between jobs, so that handing
+    // out a layer's rows costs microseconds: starting threads for them
+    // each layer cost more than it saved). Each group writes its own
+    // rows of `out`.
+    let tokens: usize = rows.iter().map(|r| r.slots.len()).sum();
+    let parts = if tokens >= SPLIT_FROM_TOKENS {
+        team::parts().min(rows.len())
+    } else {
+        1
+    };
+    let groups = row_groups(rows, parts);
+    let mut outs: Vec<Mutex<&mut [f32]>> = Vec::with_capacity(groups.len());
+    let mut rest = out.as_mut_slice();
+    for group in &groups {
+        let (mine, tail) = rest.split_at_mut(group.len() * row_out);
+        outs.push(Mutex::new(mine));
+        rest = tail;
     }
+    team::for_each_part(groups.len(), &|part| {
+        let (Some(group), Some(out)) = (groups.get(part), outs.get(part)) else {
+            return;
+        };
+        // Uncontended: each part locks only its own rows.
+        let Ok(mut out) = out.lock() else { return };
+        // One scratch row of scores per group, reused by its rows.
+        let mut scores = Vec::new();
+        let q_rows = &q[group.start * row_out..group.end * row_out];
+        for ((q_row, o), row) in q_rows
+            .chunks_exact(row_out)
+            .zip(out.chunks_exact_mut(row_out))
+            .zip(&rows[group.clone()])
+        {
+            attend_row(q_row, &pool, row, o, &mut scores, avx2);
+        }
+    });
+    drop(outs);
     Ok(out)
+}
+
+/// Below this many tokens over all rows, a layer's decode attention runs on
+/// the calling thread alone (a few microseconds of work).
+const SPLIT_FROM_TOKENS: usize = 512;
+
+/// `rows` cut into at most `parts` contiguous ranges of about equal token
+/// counts (never an empty one).
+fn row_groups(rows: &[DecodeRow], parts: usize) -> Vec<Range<usize>> {
+    let total: usize = rows.iter().map(|r| r.slots.len()).sum();
+    let mut groups = Vec::with_capacity(parts);
+    let mut start = 0;
+    let mut seen = 0;
+    for (i, row) in rows.iter().enumerate() {
+        seen += row.slots.len();
+        // Close a group once it holds its share of the tokens so far.
+        if seen * parts >= total * (groups.len() + 1) && groups.len() + 1 < parts {
+            groups.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < rows.len() {
+        groups.push(start..rows.len());
+    }
+    groups
 }
 
 /// One layer of the pool as decode attention reads it.
@@ -335,5 +389,65 @@ mod tests {
         let past = [DecodeRow::new(&[12], 1, bs).unwrap()];
         assert!(decode_attention(&q[..heads * hd], &keys, &values, &past, shape).is_err());
         assert!(DecodeRow::new(&[0], 0, bs).is_err());
+    }
+
+    /// Enough rows and tokens that the team splits the rows: every row's
+    /// result is the same bits as when it is computed alone.
+    #[test]
+    fn split_rows_match_rows_computed_alone() {
+        let shape = PoolAttention {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            scale: 0.25,
+        };
+        let (bs, width) = (8, 2 * 16);
+        let blocks = 200;
+        let val = |i: usize, m: usize| ((i * m % 41) as f32 - 20.0) / 13.0;
+        let keys: Vec<f32> = (0..blocks * bs * width).map(|i| val(i, 3)).collect();
+        let values: Vec<f32> = (0..blocks * bs * width).map(|i| val(i, 7)).collect();
+        // 9 rows of 30 to 110 tokens in scattered blocks: over the split
+        // threshold.
+        let rows: Vec<DecodeRow> = (0..9)
+            .map(|r| {
+                let len: usize = 30 + r * 10;
+                let table: Vec<u32> = (0..len.div_ceil(bs))
+                    .map(|b| ((b * 9 + r) % blocks) as u32)
+                    .collect();
+                DecodeRow::new(&table, len, bs).unwrap()
+            })
+            .collect();
+        assert!(rows.iter().map(|r| r.slots.len()).sum::<usize>() >= SPLIT_FROM_TOKENS);
+        let row_out = 4 * 16;
+        let q: Vec<f32> = (0..rows.len() * row_out).map(|i| val(i, 5)).collect();
+        let together = decode_attention(&q, &keys, &values, &rows, shape).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let q_row = &q[r * row_out..(r + 1) * row_out];
+            let alone =
+                decode_attention(q_row, &keys, &values, std::slice::from_ref(row), shape).unwrap();
+            assert_eq!(alone, together[r * row_out..(r + 1) * row_out], "row {r}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn row_groups_cover_every_row_once_in_order(
+            lens in proptest::collection::vec(1usize..300, 1..40),
+            parts in 1usize..6,
+        ) {
+            let rows: Vec<DecodeRow> = lens
+                .iter()
+                .map(|&len| DecodeRow::new(&vec![0; len], len, 1).unwrap())
+                .collect();
+            let groups = row_groups(&rows, parts);
+            proptest::prop_assert!(!groups.is_empty() && groups.len() <= parts);
+            let mut next = 0;
+            for group in &groups {
+                proptest::prop_assert_eq!(group.start, next);
+                proptest::prop_assert!(group.end > group.start);
+                next = group.end;
+            }
+            proptest::prop_assert_eq!(next, rows.len());
+        }
     }
 }

@@ -1,9 +1,12 @@
 //! The host ops over MLX arrays: each evaluates an op's fresh output and
 //! rewrites its rows in place.
 
+use std::sync::Mutex;
+
 use mlx_rs::{error::Exception, ops::indexing::IndexOp, Array, Dtype};
 
 use super::kernels::{has_avx2, silu_mul_row, softmax_row, sum_of_squares};
+use crate::team;
 
 type MlxResult<T> = Result<T, Exception>;
 
@@ -85,8 +88,10 @@ pub(crate) fn rms_norm(x: &Array, w: &Array, eps: f32) -> MlxResult<Option<Array
     Ok(Some(out))
 }
 
-/// costs more than it saves (a decode step's rows are small).
-const PARALLEL_FROM: usize = 1 << 18;
+/// Below this many elements an op runs on the calling thread alone: even
+/// with the team's spinning helpers, handing out parts costs a few
+/// microseconds.
+const PARALLEL_FROM: usize = 1 << 15;
 
 /// Evaluates `array` (f32, the fresh output of an op, held by no other
 /// array) and calls `f(row index, row)` on every `row_len`-long row of its
@@ -120,27 +125,23 @@ fn for_rows_in_place(
         std::slice::from_raw_parts_mut(ptr, len)
     };
     let rows = len / row_len;
-    let threads = if len < PARALLEL_FROM {
+    let parts = if len < PARALLEL_FROM {
         1
     } else {
-        std::thread::available_parallelism().map_or(1, usize::from)
-    }
-    .min(rows)
-    .max(1);
-    let per_thread = rows.div_ceil(threads);
-    let f = &f;
-    let run = move |first: usize, part: &mut [f32]| {
-        for (i, row) in part.chunks_exact_mut(row_len).enumerate() {
-            f(first + i, row);
-        }
+        team::parts().min(rows).max(1)
     };
-    if threads == 1 {
-        run(0, data);
-        return Ok(());
-    }
-    std::thread::scope(|scope| {
-        for (t, part) in data.chunks_mut(per_thread * row_len).enumerate() {
-            scope.spawn(move || run(t * per_thread, part));
+    let per_part = rows.div_ceil(parts);
+    // Each part takes its own contiguous rows (uncontended locks).
+    let chunks: Vec<Mutex<&mut [f32]>> = data
+        .chunks_mut(per_part * row_len)
+        .map(Mutex::new)
+        .collect();
+    team::for_each_part(chunks.len(), &|part| {
+        let Some(Ok(mut chunk)) = chunks.get(part).map(|c| c.lock()) else {
+            return;
+        };
+        for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+            f(part * per_part + i, row);
         }
     });
     Ok(())

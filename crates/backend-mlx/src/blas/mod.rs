@@ -1,5 +1,5 @@
-//! The `cblas_sgemm` that MLX's CPU backend calls, routing single-row
-//! products to a matrix-vector kernel.
+//! The `cblas_sgemm` that MLX's CPU backend calls, routing the products of
+//! a decode step (a few activation rows times a weight) to our own kernel.
 //!
 //! MLX sends every f32 matmul to `cblas_sgemm`, which libmlx resolves at
 //! load time to whatever the process offers first (the server links
@@ -9,17 +9,21 @@
 //! for one row: measured on the default model's shapes, 2 to 5 times slower
 //! than its `cblas_sgemv`, which streams the weights once. So the binaries
 //! of this project define `cblas_sgemm` themselves (exported by their build
-//! scripts, so that libmlx binds to it): a row-major product with a single
-//! output row becomes one `cblas_sgemv`, and every other call goes on to
-//! OpenBLAS's own sgemm, found with `dlsym(RTLD_NEXT)`.
+//! scripts, so that libmlx binds to it). A row-major `A * W^T` with at most
+//! [`FEW_ROWS`] rows goes to `few_rows`, which packs nothing (on a CPU
+//! with AVX2 or AVX-512); other single-row products become one
+//! `cblas_sgemv`; every other call goes on to OpenBLAS's own sgemm, found
+//! with `dlsym(RTLD_NEXT)`.
 //!
-//! Set `MLX_BATCH_SGEMV=0` to send everything to sgemm (for A/B
-//! measurements).
+//! For A/B measurements, `MLX_BATCH_FEW_ROWS=0` turns the first route off
+//! and `MLX_BATCH_SGEMV=0` the second.
+
+mod few_rows;
 
 use std::{
     ffi::c_int,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         OnceLock,
     },
 };
@@ -74,12 +78,18 @@ fn sgemv() -> Option<Sgemv> {
     })
 }
 
-/// Single-row products sent to sgemv, for tests and measurements.
+/// Products with at most this many rows go to `few_rows`: measured on
+/// the default model's shapes, OpenBLAS's packing pays for itself only
+/// above it.
+pub const FEW_ROWS: usize = 64;
+
+/// Products sent to `few_rows` or sgemv, for tests and measurements.
 static ROUTED: AtomicU64 = AtomicU64::new(0);
 /// Calls passed on to the next sgemm.
 static PASSED: AtomicU64 = AtomicU64::new(0);
 
-/// How many products went to sgemv and how many to sgemm so far.
+/// How many products went to our kernel or sgemv, and how many to sgemm,
+/// so far.
 pub fn routed_and_passed() -> (u64, u64) {
     (
         ROUTED.load(Ordering::Relaxed),
@@ -87,9 +97,62 @@ pub fn routed_and_passed() -> (u64, u64) {
     )
 }
 
-fn routing_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MLX_BATCH_SGEMV").map_or(true, |v| v != "0"))
+/// Whether the environment variable `name` leaves a route on (anything but
+/// `0`, or unset).
+fn route_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
+/// Which of the two routes are on; every product not routed goes to
+/// OpenBLAS's sgemm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routes {
+    /// Products with at most [`FEW_ROWS`] rows to `few_rows` (where the
+    /// CPU has AVX2 or AVX-512).
+    pub few_rows: bool,
+    /// Other single-row products to sgemv.
+    pub sgemv: bool,
+}
+
+/// The routes as bits of one atomic (bit 0 few rows, bit 1 sgemv), with
+/// bit 7 set once they are read from the environment.
+static ROUTES: AtomicU8 = AtomicU8::new(0);
+const ROUTES_SET: u8 = 1 << 7;
+
+/// The routes now in force: from the environment at first use, unless
+/// [`set_routes`] chose others.
+pub fn routes() -> Routes {
+    let mut bits = ROUTES.load(Ordering::Relaxed);
+    if bits & ROUTES_SET == 0 {
+        let from_env = Routes {
+            few_rows: route_on("MLX_BATCH_FEW_ROWS"),
+            sgemv: route_on("MLX_BATCH_SGEMV"),
+        };
+        bits = encode(from_env);
+        // A concurrent `set_routes` wins over the environment.
+        if let Err(now) = ROUTES.compare_exchange(0, bits, Ordering::Relaxed, Ordering::Relaxed) {
+            bits = now;
+        }
+    }
+    Routes {
+        few_rows: bits & 1 != 0,
+        sgemv: bits & 2 != 0,
+    }
+}
+
+/// Chooses the routes for every later product (benches compare them in
+/// one process this way).
+pub fn set_routes(routes: Routes) {
+    ROUTES.store(encode(routes), Ordering::Relaxed);
+}
+
+fn encode(routes: Routes) -> u8 {
+    ROUTES_SET | u8::from(routes.few_rows) | (u8::from(routes.sgemv) << 1)
+}
+
+/// `few_rows`'s instruction set, when the CPU has one and the route is on.
+fn few_rows_isa() -> Option<few_rows::Isa> {
+    few_rows::isa().filter(|_| routes().few_rows)
 }
 
 /// The sgemm this definition shadows (OpenBLAS's, or the wheel's
@@ -131,11 +194,38 @@ pub unsafe extern "C" fn cblas_sgemm(
     c: *mut f32,
     ldc: c_int,
 ) {
+    let a_times_w_t = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS;
+    if let Some(isa) = few_rows_isa() {
+        let few = usize::try_from(m).is_ok_and(|m| (1..=FEW_ROWS).contains(&m));
+        if a_times_w_t && few && n > 0 && k > 0 {
+            ROUTED.fetch_add(1, Ordering::Relaxed);
+            // All three are positive here, as the leading dimensions of
+            // valid row-major matrices are.
+            let dim = |v: c_int| v as usize;
+            let product = few_rows::Product {
+                a,
+                lda: dim(lda),
+                w: b,
+                ldw: dim(ldb),
+                c,
+                ldc: dim(ldc),
+                m: dim(m),
+                n: dim(n),
+                k: dim(k),
+                alpha,
+                beta,
+            };
+            // SAFETY: the caller's matrices, as CBLAS describes them; the
+            // CPU has `isa`.
+            unsafe { few_rows::multiply(&product, isa) };
+            return;
+        }
+    }
     let single_row = order == ROW_MAJOR && m == 1 && n > 0 && k > 0;
     let next = next_sgemm();
     let by_rows = match next {
         // A single row goes to sgemv, unless routing is off.
-        Some(_) => sgemv().filter(|_| single_row && routing_enabled()),
+        Some(_) => sgemv().filter(|_| single_row && routes().sgemv),
         // No other sgemm in the process (never the case with libmlx, which
         // needs one): one sgemv per output row is slower but right.
         None => sgemv(),
@@ -164,6 +254,8 @@ pub unsafe extern "C" fn cblas_sgemm(
         return;
     }
     PASSED.fetch_add(1, Ordering::Relaxed);
+    // OpenBLAS's threads need the cores that the team's helpers spin on.
+    crate::team::rest();
     if let Some(sgemm) = next {
         // SAFETY: the caller's arguments, passed on unchanged.
         unsafe {
