@@ -84,7 +84,7 @@ fn team() -> &'static Team {
         }));
         for (index, slot) in team.slots.iter().enumerate() {
             let spawned = std::thread::Builder::new()
-                .name(format!("mlx-batch-gemm-{index}"))
+                .name(format!("mlx-helper-{index}"))
                 .spawn(move || serve(slot));
             // A helper that could not start is never used (its slot has no
             // thread, which `parts` and `for_each_part` check).

@@ -11,9 +11,10 @@
 //!
 //! Every output element is computed the same way whatever the number of
 //! rows and wherever it falls in a tile: full vector chunks of `k` in
-//! order, one masked chunk for the tail, then a fixed horizontal sum. So a
+//! order, one masked chunk for the tail, then a fixed horizontal sum. So
+//! in decode steps (up to `FEW_ROWS` rows, the products routed here) a
 //! sequence's logits do not depend on which other sequences share its
-//! step (batching invariance holds bit for bit).
+//! step, bit for bit.
 
 use std::{ops::Range, sync::OnceLock};
 
@@ -94,9 +95,10 @@ pub(crate) unsafe fn multiply(p: &Product, isa: Isa) {
         unsafe { columns(p, 0..p.n, isa) };
         return;
     }
-    // Equal shares, each a multiple of the widest tile so that no share
-    // ends in a narrow tile that another share could have avoided.
-    let tile = 8;
+    // Equal shares, each a multiple of both kernels' tile widths (4 and
+    // 3), so that no share ends in a narrow tile that another share could
+    // have avoided.
+    let tile = 12;
     let share = p.n.div_ceil(parts).div_ceil(tile) * tile;
     team::for_each_part(parts, &|part| {
         let cols = (part * share).min(p.n)..((part + 1) * share).min(p.n);
