@@ -78,6 +78,29 @@ fn matmul_matches_the_reference() {
     assert_close(&values(&got), &ref_matmul(&a, &b, m, k, n), 1e-5);
 }
 
+/// A decode-shaped product (`x W^T`, a few rows) through MLX reaches
+/// backend-mlx's own kernel and gives the reference's values, with a width
+/// and depth that leave partial tiles and a masked tail (on a CPU without
+/// AVX2 the product goes to OpenBLAS, and only the values are checked).
+#[cfg(target_os = "linux")]
+#[test]
+fn few_row_matmuls_go_through_our_kernel() {
+    let (k, n) = (83, 37);
+    let mut rng = Rng::new(11);
+    for m in [2, 8, 13] {
+        let (x, w) = (rng.vec(m * k), rng.vec(n * k));
+        let (routed, _) = backend_mlx::blas::routed_and_passed();
+        let w = array(&w, &[n, k]);
+        let got = ops::matmul(array(&x, &[m, k]), w.t()).unwrap();
+        let expected = ref_matmul(&x, &values(&w.t()), m, k, n);
+        assert_close(&values(&got), &expected, 1e-5);
+        let (after, _) = backend_mlx::blas::routed_and_passed();
+        if backend_mlx::blas::few_rows_active() {
+            assert!(after > routed, "a {m}-row product did not reach our kernel");
+        }
+    }
+}
+
 /// libmlx binds `cblas_sgemm` to backend-mlx's router: a single-row product
 /// (a decode at batch 1, `x W^T`) goes to sgemv, and gives the same values.
 #[cfg(target_os = "linux")]

@@ -3,20 +3,20 @@
 //!
 //! MLX sends every f32 matmul to `cblas_sgemm`, which libmlx resolves at
 //! load time to whatever the process offers first (the server links
-//! OpenBLAS ahead of the wheel's reference BLAS). A decode step at batch 1
-//! multiplies one activation row by every weight matrix, and OpenBLAS's
-//! sgemm packs the whole weight matrix into a buffer before it multiplies,
-//! for one row: measured on the default model's shapes, 2 to 5 times slower
-//! than its `cblas_sgemv`, which streams the weights once. So the binaries
-//! of this project define `cblas_sgemm` themselves (exported by their build
-//! scripts, so that libmlx binds to it). A row-major `A * W^T` with at most
-//! [`FEW_ROWS`] rows goes to `few_rows`, which packs nothing (on a CPU
-//! with AVX2 or AVX-512); other single-row products become one
-//! `cblas_sgemv`; every other call goes on to OpenBLAS's own sgemm, found
-//! with `dlsym(RTLD_NEXT)`.
+//! OpenBLAS ahead of the wheel's reference BLAS). OpenBLAS's sgemm packs
+//! the weight matrix into a buffer on every call before it multiplies,
+//! which for the few rows of a decode step costs as much as the arithmetic
+//! (measured on the default model: 28 to 67 GFLOP/s at 8 rows, against 160
+//! to 200 for a kernel that packs nothing). So the binaries of this project
+//! define `cblas_sgemm` themselves (exported by their build scripts, so
+//! that libmlx binds to it). A row-major `A * W^T` with at most
+//! [`FEW_ROWS`] rows goes to `few_rows` (on a CPU with AVX2 or AVX-512);
+//! other single-row products become one `cblas_sgemv`; every other call
+//! (a prefill chunk's products, where OpenBLAS runs near the machine's
+//! peak) goes on to OpenBLAS's own sgemm, found with `dlsym(RTLD_NEXT)`.
 //!
 //! For A/B measurements, `MLX_BATCH_FEW_ROWS=0` turns the first route off
-//! and `MLX_BATCH_SGEMV=0` the second.
+//! and `MLX_BATCH_SGEMV=0` the second (or [`set_routes`], in one process).
 
 mod few_rows;
 
@@ -78,9 +78,10 @@ fn sgemv() -> Option<Sgemv> {
     })
 }
 
-/// Products with at most this many rows go to `few_rows`: measured on
-/// the default model's shapes, OpenBLAS's packing pays for itself only
-/// above it.
+/// Products with at most this many rows go to `few_rows`: every decode
+/// step up to twice the default batch of 32 (measured faster than OpenBLAS
+/// at 1, 8 and 32 rows), while prefill chunks, hundreds of rows, stay with
+/// OpenBLAS.
 pub const FEW_ROWS: usize = 64;
 
 /// Products sent to `few_rows` or sgemv, for tests and measurements.
@@ -150,6 +151,12 @@ fn encode(routes: Routes) -> u8 {
     ROUTES_SET | u8::from(routes.few_rows) | (u8::from(routes.sgemv) << 1)
 }
 
+/// Whether products of a few rows go to our kernel now: the CPU has AVX2
+/// or AVX-512 and the route is on.
+pub fn few_rows_active() -> bool {
+    few_rows_isa().is_some()
+}
+
 /// `few_rows`'s instruction set, when the CPU has one and the route is on.
 fn few_rows_isa() -> Option<few_rows::Isa> {
     few_rows::isa().filter(|_| routes().few_rows)
@@ -197,10 +204,12 @@ pub unsafe extern "C" fn cblas_sgemm(
     let a_times_w_t = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS;
     if let Some(isa) = few_rows_isa() {
         let few = usize::try_from(m).is_ok_and(|m| (1..=FEW_ROWS).contains(&m));
-        if a_times_w_t && few && n > 0 && k > 0 {
+        // Leading dimensions CBLAS would refuse go on to OpenBLAS, which
+        // reports them.
+        let valid = n > 0 && k > 0 && lda >= k && ldb >= k && ldc >= n;
+        if a_times_w_t && few && valid {
             ROUTED.fetch_add(1, Ordering::Relaxed);
-            // All three are positive here, as the leading dimensions of
-            // valid row-major matrices are.
+            // Every dimension is positive here (checked above).
             let dim = |v: c_int| v as usize;
             let product = few_rows::Product {
                 a,
