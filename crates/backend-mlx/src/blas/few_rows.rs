@@ -145,8 +145,8 @@ unsafe fn store(c: *mut f32, dot: f32, alpha: f32, beta: f32) {
 
 /// Generates one ISA's kernel: `columns` walks tiles of `$cols` weight
 /// rows by `$rows` activation rows and dispatches each (possibly narrower)
-/// tile to `tile::<R, C>`, which keeps `R x C` vector accumulators in
-/// registers.
+/// tile to `tile::<R, C, F>`, which keeps `R x C` vector accumulators in
+/// registers and prefetches `F` rows of the next weight tile.
 macro_rules! few_rows_kernel {
     (
         mod $name:ident, feature $feature:literal, lanes $lanes:literal,
