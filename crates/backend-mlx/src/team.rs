@@ -168,6 +168,23 @@ pub(crate) fn rest() {
     REST.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Runs `work(part, slice)` for each of `slices` on the team (as
+/// [`for_each_part`]), each part with its own mutable slice: the way to
+/// split one output buffer between the threads.
+pub(crate) fn for_each_slice<T: Send>(
+    slices: Vec<&mut [T]>,
+    work: impl Fn(usize, &mut [T]) + Sync,
+) {
+    // Each part locks only its own slice, so the locks are never contended:
+    // they only hand each slice to the one thread that runs its part.
+    let slices: Vec<Mutex<&mut [T]>> = slices.into_iter().map(Mutex::new).collect();
+    for_each_part(slices.len(), &|part| {
+        if let Some(Ok(mut slice)) = slices.get(part).map(|s| s.lock()) {
+            work(part, &mut slice);
+        }
+    });
+}
+
 /// A helper's loop: run each posted job, spin for the next one, park when
 /// none comes for [`SPIN_FOR`] or when [`rest`] asks.
 fn serve(slot: &'static Slot) {
@@ -232,6 +249,18 @@ mod tests {
                 assert_eq!(count.load(Ordering::Relaxed), 50, "{parts} parts");
             }
         }
+    }
+
+    #[test]
+    fn every_slice_reaches_its_own_part() {
+        let mut data: Vec<usize> = vec![0; 10];
+        let slices: Vec<&mut [usize]> = data.chunks_mut(3).collect();
+        for_each_slice(slices, |part, slice| {
+            for v in slice.iter_mut() {
+                *v += part + 1;
+            }
+        });
+        assert_eq!(data, [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Decode attention on the host, over slices of one layer of the block
 //! pool.
 
-use std::{ops::Range, sync::Mutex};
+use std::ops::Range;
 
 use mlx_rs::error::Exception;
 
@@ -103,19 +103,17 @@ pub(crate) fn decode_attention(
         1
     };
     let groups = row_groups(rows, parts);
-    let mut outs: Vec<Mutex<&mut [f32]>> = Vec::with_capacity(groups.len());
+    let mut outs = Vec::with_capacity(groups.len());
     let mut rest = out.as_mut_slice();
     for group in &groups {
         let (mine, tail) = rest.split_at_mut(group.len() * row_out);
-        outs.push(Mutex::new(mine));
+        outs.push(mine);
         rest = tail;
     }
-    team::for_each_part(groups.len(), &|part| {
-        let (Some(group), Some(out)) = (groups.get(part), outs.get(part)) else {
+    team::for_each_slice(outs, |part, out| {
+        let Some(group) = groups.get(part) else {
             return;
         };
-        // Uncontended: each part locks only its own rows.
-        let Ok(mut out) = out.lock() else { return };
         // One scratch row of scores per group, reused by its rows.
         let mut scores = Vec::new();
         let q_rows = &q[group.start * row_out..group.end * row_out];
@@ -127,7 +125,6 @@ pub(crate) fn decode_attention(
             attend_row(q_row, &pool, row, o, &mut scores, avx2);
         }
     });
-    drop(outs);
     Ok(out)
 }
 

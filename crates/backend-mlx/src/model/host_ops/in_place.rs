@@ -1,8 +1,6 @@
 //! The host ops over MLX arrays: each evaluates an op's fresh output and
 //! rewrites its rows in place.
 
-use std::sync::Mutex;
-
 use mlx_rs::{error::Exception, ops::indexing::IndexOp, Array, Dtype};
 
 use super::kernels::{has_avx2, silu_mul_row, softmax_row, sum_of_squares};
@@ -131,19 +129,15 @@ fn for_rows_in_place(
         team::parts().min(rows).max(1)
     };
     let per_part = rows.div_ceil(parts);
-    // Each part takes its own contiguous rows (uncontended locks).
-    let chunks: Vec<Mutex<&mut [f32]>> = data
-        .chunks_mut(per_part * row_len)
-        .map(Mutex::new)
-        .collect();
-    team::for_each_part(chunks.len(), &|part| {
-        let Some(Ok(mut chunk)) = chunks.get(part).map(|c| c.lock()) else {
-            return;
-        };
-        for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
-            f(part * per_part + i, row);
-        }
-    });
+    // Each part takes its own contiguous rows.
+    team::for_each_slice(
+        data.chunks_mut(per_part * row_len).collect(),
+        |part, chunk| {
+            for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+                f(part * per_part + i, row);
+            }
+        },
+    );
     Ok(())
 }
 
